@@ -1,0 +1,39 @@
+# The two commands of README.md: `make run` (the main job) and `make test`.
+# Set-up is part of both: if this machine's python3 already imports torch, triton, numpy
+# and gguf (a GPU box, say), that interpreter is used with src/ on the path; otherwise a
+# virtual environment .venv is made and the package installed into it (on CPU-only
+# machines torch==2.13.0, a CPU build, is tried first so no multi-GB CUDA build is pulled).
+
+PYTHON ?= python3
+VENV := .venv
+HAVE_DEPS := $(shell $(PYTHON) -c "import torch, triton, numpy, gguf" >/dev/null 2>&1 && echo yes)
+
+ifeq ($(HAVE_DEPS),yes)
+PY := PYTHONPATH=$(CURDIR)/src$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON)
+SETUP :=
+else
+PY := $(VENV)/bin/python
+SETUP := $(VENV)/.installed
+endif
+
+.PHONY: run test lint clean
+run: $(SETUP)
+	$(PY) -m moetile.cli.main run
+
+test: $(SETUP)
+	$(PY) -m pytest -q
+
+lint: $(SETUP)
+	$(PY) -m ruff check src tests
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -c "import torch" 2>/dev/null || \
+	  $(VENV)/bin/python -m pip install -q "torch==2.13.0" || \
+	  $(VENV)/bin/python -m pip install -q torch
+	$(VENV)/bin/python -m pip install -q -e ".[dev,plots]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

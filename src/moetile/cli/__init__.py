@@ -1,0 +1,1 @@
+"""Command-line interface: `moetile info | audit | bench | profile | run`."""

@@ -1,0 +1,170 @@
+"""Expert-major maps, tile lists and every scheduling policy of moetile, in one place.
+
+Dimension letters: T tokens, k experts per token, P = T*k (token, slot) pairs with pair id
+p = t*k + s, E experts, w the token-tile width (pairs per tile).
+
+Policies (tile width, kernel block shape, prefill vs decode path) are plain functions returning
+small frozen dataclasses. Tests and A/B runs override them through arguments (``tile=``) or the
+documented environment variable ``MOETILE_TILE_MAX``; kernels never decide.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+WIDTHS: tuple[int, ...] = (16, 32, 64, 128)  # token-tile widths the kernels are built for
+TILE_MAX_ENV = "MOETILE_TILE_MAX"
+
+
+# --------------------------------------------------------------------------- expert-major map
+@dataclass(frozen=True)
+class ExpertMap:
+    """Pairs grouped by expert, built on the device without host synchronisation.
+
+    ``sorted_pairs`` int32 [P]: pair ids, expert by expert, ascending within an expert;
+    ``offsets`` int32 [E+2]: run of expert e is ``sorted_pairs[offsets[e]:offsets[e+1]]``; the
+    extra bin E holds pairs whose id was outside [0, E) (never multiplied; their rows are NaN);
+    ``counts`` int32 [E+1].
+    """
+
+    num_tokens: int
+    top_k: int
+    num_experts: int
+    sorted_pairs: torch.Tensor
+    offsets: torch.Tensor
+    counts: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return self.num_tokens * self.top_k
+
+
+@dataclass(frozen=True)
+class TileList:
+    """Tiles of width ``width`` over an ExpertMap: tile i covers rows
+    ``row[i] .. row[i]+width-1`` of expert ``expert[i]``'s run (int32 [n_tiles] each).
+    ``n_tiles`` is the upper bound ceil(P/w) + E + 1; surplus tiles have row >= count and exit."""
+
+    width: int
+    expert: torch.Tensor
+    row: torch.Tensor
+
+    @property
+    def n_tiles(self) -> int:
+        return self.expert.numel()
+
+
+def build_expert_map(topk_ids: torch.Tensor, num_experts: int) -> ExpertMap:
+    """ExpertMap of ``topk_ids`` [T, k] (int32/int64). Ids outside [0, E) go to bin E."""
+    T, k = topk_ids.shape
+    dev = topk_ids.device
+    ids = topk_ids.reshape(-1).to(torch.int64)  # [P]
+    ids = torch.where((ids >= 0) & (ids < num_experts), ids, torch.full_like(ids, num_experts))
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, ids, torch.ones_like(ids))
+    offsets = torch.zeros(num_experts + 2, dtype=torch.int64, device=dev)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    sorted_pairs = torch.argsort(ids, stable=True)  # stable: ascending pair id within an expert
+    return ExpertMap(
+        T, k, num_experts, sorted_pairs.to(torch.int32), offsets.to(torch.int32), counts.to(torch.int32)
+    )
+
+
+def build_tiles(emap: ExpertMap, width: int) -> TileList:
+    """Tile list of ``width`` pairs per tile, sized by an upper bound (no host sync)."""
+    if width not in WIDTHS:
+        raise ValueError(f"tile width must be one of {WIDTHS}, got {width}")
+    counts = emap.counts.to(torch.int64)  # [E+1]
+    per = (counts + width - 1) // width
+    cum = torch.cumsum(per, 0)  # inclusive
+    n_bins = counts.numel()
+    n_tiles = -(-emap.num_pairs // width) + n_bins
+    i = torch.arange(n_tiles, device=counts.device)
+    e = torch.searchsorted(cum, i, right=True)  # bin whose tile range holds i; n_bins if none
+    valid = e < n_bins
+    e_c = e.clamp(max=n_bins - 1)
+    row = (i - (cum[e_c] - per[e_c])) * width
+    big = torch.iinfo(torch.int32).max
+    row = torch.where(valid, row, torch.full_like(row, big))
+    return TileList(width, e_c.to(torch.int32), row.to(torch.int32))
+
+
+# --------------------------------------------------------------------------- tile-width policy
+def tile_max_from_env() -> int:
+    """``MOETILE_TILE_MAX`` (default 128): the widest tile any policy may pick."""
+    raw = os.environ.get(TILE_MAX_ENV)
+    if raw is None or raw.strip() == "":
+        return 128
+    try:
+        val = int(raw)
+    except ValueError:
+        val = -1
+    if val not in WIDTHS:
+        raise ValueError(f"{TILE_MAX_ENV}={raw!r} is not a tile width; use one of {WIDTHS}")
+    return val
+
+
+def choose_tile(tile, num_tokens: int, top_k: int, num_experts: int) -> int:
+    """Token-tile width for one grouped matmul.
+
+    ``tile`` is ``"ds4"`` (ds4's rule on the whole batch: 128 if T % 128 == 0, else 64 if
+    T % 64 == 0, else 32), ``"auto"`` (the next power of two at or above the mean rows per
+    expert T*k/E, clamped to [16, 128]: on the H100 the best width tracked it at T = 512, 2048
+    and 8192), or an int in WIDTHS (forced; the env cap does not apply). Policies are capped by
+    ``MOETILE_TILE_MAX``.
+    """
+    if isinstance(tile, bool):
+        raise TypeError(f"tile must be 'auto', 'ds4' or an int width, got {tile!r}")
+    if isinstance(tile, int):
+        if tile not in WIDTHS:
+            raise ValueError(f"tile width must be one of {WIDTHS}, got {tile}")
+        return tile
+    cap = tile_max_from_env()
+    if tile == "ds4":
+        T = num_tokens
+        w = 128 if T % 128 == 0 and T >= 128 else 64 if T % 64 == 0 and T >= 64 else 32
+    elif tile == "auto":
+        mean_rows = num_tokens * top_k / max(num_experts, 1)
+        w = 16
+        while w < 128 and w < mean_rows:
+            w *= 2
+    else:
+        raise ValueError(f"tile must be 'auto', 'ds4' or an int width, got {tile!r}")
+    return min(w, cap)
+
+
+# --------------------------------------------------------------------------- kernel shapes
+@dataclass(frozen=True)
+class MMConfig:
+    """Launch shape of the grouped matmul: token tile ``block_m`` (= tile width), weight rows
+    per program ``block_n``, warps and software-pipelining stages."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# (block_n, stages) per quant type and width, from the H100 sweep of 2026-11-25 (BENCHMARKS.md):
+# IQ2_XXS prefers 256 weight rows per program, the K-quants 128.
+_MM_SHAPES = {
+    "IQ2_XXS": {16: (256, 2), 32: (128, 2), 64: (256, 2), 128: (256, 3)},
+    "Q2_K": {16: (128, 4), 32: (128, 4), 64: (128, 4), 128: (128, 3)},
+    "Q4_K": {16: (128, 2), 32: (128, 2), 64: (128, 2), 128: (128, 3)},
+    "Q8_0": {16: (128, 3), 32: (128, 3), 64: (128, 3), 128: (128, 3)},
+}
+
+
+def mm_config(width: int, n_rows: int, qtype: str, fused: bool = False) -> MMConfig:
+    """Kernel shape for a tile width, quant type and N (rows per program must divide N or
+    fall back to 64). The fused gate+up variant holds two accumulators: 64 rows per program."""
+    block_n, stages = _MM_SHAPES[qtype][width]
+    if fused:
+        block_n, stages = 64, 3
+    while block_n > 64 and n_rows % block_n:
+        block_n //= 2
+    num_warps = 8 if block_n * width >= 128 * 64 else 4
+    return MMConfig(block_m=width, block_n=block_n, num_warps=num_warps, num_stages=stages)

@@ -1,0 +1,30 @@
+"""Test set-up: without CUDA, the Triton kernels run through Triton's interpreter.
+
+TRITON_INTERPRET must be set before triton decorates the kernels, i.e. before moetile is
+imported, hence here at the top of the root conftest.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (runs on the device machine, not in CI)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE

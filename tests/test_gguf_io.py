@@ -1,0 +1,500 @@
+"""GGUF read/write: byte-exact round trips, metadata, MoE layer binding, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader, GGUFWriter
+from gguf.constants import GGMLQuantizationType, GGUFValueType
+
+from moetile.gguf_io import (
+    GGUFFile,
+    MoEConfig,
+    MoELayerTensors,
+    TensorNotFoundError,
+    layer_tensor_names,
+    open_gguf,
+    write_gguf,
+    write_moe_layers,
+)
+from moetile.quant import QTYPES, QuantTensor, get_format
+
+E, F, H, V, KSEL = 4, 256, 512, 50, 3  # experts, FFN width, hidden, vocab, experts per token (K % 256 == 0)
+
+
+def rand_qt(qtype: str, shape: tuple[int, ...], gen: torch.Generator) -> QuantTensor:
+    """Random raw bytes (valid for byte-exact I/O, not for dequantization) of logical ``shape``."""
+    rb = get_format(qtype).row_bytes(shape[-1])
+    data = torch.randint(0, 256, (*shape[:-1], rb), dtype=torch.uint8, generator=gen)
+    return QuantTensor(data, qtype, shape)
+
+
+def make_layer(gen, qtype_gu="IQ2_XXS", qtype_down="Q2_K", hash_layer=False, shared=True, e=E, f=F, h=H):
+    return MoELayerTensors(
+        gate=rand_qt(qtype_gu, (e, f, h), gen),
+        up=rand_qt(qtype_gu, (e, f, h), gen),
+        down=rand_qt(qtype_down, (e, h, f), gen),
+        router=torch.randn(e, h, generator=gen).half(),
+        bias=torch.randn(e, generator=gen),
+        tid2eid=torch.randint(0, e, (V, KSEL), generator=gen, dtype=torch.int32) if hash_layer else None,
+        shared_gate=rand_qt("Q8_0", (f, h), gen) if shared else None,
+        shared_up=rand_qt("Q8_0", (f, h), gen) if shared else None,
+        shared_down=rand_qt("Q8_0", (h, f), gen) if shared else None,
+        ffn_norm=torch.rand(h, generator=gen) + 0.5,
+    )
+
+
+def ds4_config(**kw) -> MoEConfig:
+    base = dict(
+        expert_count=E, expert_used_count=KSEL, expert_feed_forward_length=F, embedding_length=H,
+        block_count=3, expert_shared_count=1, hash_layer_count=1, expert_weights_scale=1.5,
+        expert_weights_norm=True, swiglu_clamp_exp=[10.0, 10.0, 10.0], vocab_size=V, rms_norm_eps=1e-6,
+    )
+    base.update(kw)
+    return MoEConfig(**base)
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("shape", [(E, 32, 256), (E, 64, 512), (48, 512)])
+def test_quant_round_trip_is_byte_exact(tmp_path, gen, qtype, shape):
+    qt = rand_qt(qtype, shape, gen)
+    other = rand_qt(qtype, shape, gen)
+    path = tmp_path / "q.gguf"
+    write_gguf(path, {"w": qt, "w2": other}, {})
+    f = open_gguf(path)
+    got = f.quant_tensor("w")
+    assert got.qtype == qtype and got.shape == shape
+    assert torch.equal(got.data, qt.data)
+    assert torch.equal(f.quant_tensor("w2").data, other.data)
+    assert f.tensor_type("w") == qtype
+    assert f.tensor_shape("w") == shape
+    # the file itself must list GGUF dims fastest-first: (K, N, E)
+    raw = {t.name: t for t in GGUFReader(path).tensors}["w"]
+    assert [int(d) for d in raw.shape] == list(reversed(shape))
+    assert raw.tensor_type == get_format(qtype).ggml_type
+
+
+@pytest.mark.parametrize(
+    "dtype, gtype",
+    [
+        (torch.float32, "F32"), (torch.float16, "F16"), (torch.bfloat16, "BF16"), (torch.int32, "I32"),
+        (torch.float64, "F64"), (torch.int8, "I8"), (torch.int16, "I16"), (torch.int64, "I64"),
+    ],
+)
+@pytest.mark.parametrize("shape", [(256,), (E, H), (V, KSEL), (2, 3, 5)])
+def test_float_round_trip(tmp_path, gen, dtype, gtype, shape):
+    if dtype.is_floating_point:
+        x = (torch.randn(shape, generator=gen) * 3).to(dtype)
+    else:
+        x = torch.randint(-100, 100, shape, generator=gen).to(dtype)
+    path = tmp_path / "f.gguf"
+    write_gguf(path, {"x": x, "y": x.flip(0) + 1}, {})
+    f = open_gguf(path)
+    got = f.float_tensor("x")
+    assert got.dtype == dtype and tuple(got.shape) == shape
+    assert torch.equal(got, x)
+    assert torch.equal(f.float_tensor("y"), x.flip(0) + 1)
+    assert f.tensor_type("x") == gtype
+    assert torch.equal(f.tensor("x"), x)
+
+
+def test_ds4_float_layouts(tmp_path, gen):
+    """Router F16 GGUF (H, E) -> [E, H]; hash table I32 GGUF (k, V) -> [V, k]."""
+    router = torch.randn(E, H, generator=gen).half()
+    table = torch.randint(0, E, (V, KSEL), generator=gen, dtype=torch.int32)
+    path = tmp_path / "l.gguf"
+    write_gguf(path, {"r": router, "t": table}, {})
+    raw = {t.name: t for t in GGUFReader(path).tensors}
+    assert [int(d) for d in raw["r"].shape] == [H, E]
+    assert [int(d) for d in raw["t"].shape] == [KSEL, V]
+    f = open_gguf(path)
+    assert torch.equal(f.float_tensor("r"), router)
+    assert torch.equal(f.float_tensor("t"), table)
+
+
+def test_writes_from_noncontiguous_input(tmp_path, gen):
+    x = torch.randn(8, 6, generator=gen).t()  # not contiguous
+    path = tmp_path / "nc.gguf"
+    write_gguf(path, {"x": x}, {})
+    assert torch.equal(open_gguf(path).float_tensor("x"), x)
+
+
+def test_metadata_round_trip_and_types(tmp_path):
+    md = {
+        "a.u": 7, "a.big": 2**40, "a.neg": -3, "a.f": 1.25, "a.b": True, "a.b0": False, "a.s": "héllo",
+        "a.empty": "", "a.fa": [10.0, 9.5, 1.0], "a.ia": [1, 2, 3], "a.sa": ["x", "yz"],
+        "a.ba": [True, False], "a.mixed": [1, 2.5], "a.np": np.int64(5), "a.npf": np.float32(0.5),
+        "a.tens": torch.tensor([1.5, 2.0]),
+    }
+    path = tmp_path / "m.gguf"
+    write_gguf(path, {"x": torch.ones(4)}, md, arch="myarch")
+    got = open_gguf(path).metadata
+    assert got["general.architecture"] == "myarch"
+    want = dict(md, **{"a.mixed": [1.0, 2.5], "a.np": 5, "a.npf": 0.5, "a.tens": [1.5, 2.0]})
+    for k, v in want.items():
+        assert got[k] == v, k
+    assert not any(k.startswith("GGUF.") for k in got)
+    fields = GGUFReader(path).fields
+    assert fields["a.u"].types == [GGUFValueType.UINT32]
+    assert fields["a.neg"].types == [GGUFValueType.INT32]
+    assert fields["a.big"].types == [GGUFValueType.UINT64]
+    assert fields["a.f"].types == [GGUFValueType.FLOAT32]
+    assert fields["a.b"].types == [GGUFValueType.BOOL]
+    assert fields["a.fa"].types == [GGUFValueType.ARRAY, GGUFValueType.FLOAT32]
+    assert fields["a.ia"].types == [GGUFValueType.ARRAY, GGUFValueType.UINT32]
+
+
+def test_moe_config(tmp_path, gen):
+    cfg = ds4_config()
+    path = tmp_path / "c.gguf"
+    write_gguf(path, {"x": torch.ones(3)}, cfg.to_metadata())
+    got = open_gguf(path).moe_config()
+    assert got.arch == "deepseek4"
+    assert (got.expert_count, got.expert_used_count, got.expert_feed_forward_length) == (E, KSEL, F)
+    assert (got.embedding_length, got.block_count, got.expert_shared_count) == (H, 3, 1)
+    assert got.hash_layer_count == 1 and got.vocab_size == V
+    assert got.expert_weights_scale == 1.5 and got.expert_weights_norm is True
+    assert got.swiglu_clamp_exp == [10.0, 10.0, 10.0]
+    assert got.rms_norm_eps == pytest.approx(1e-6, rel=1e-6)
+    assert (got.expert_group_count, got.expert_group_used_count) == (0, 0)
+    # the exact keys the model files use
+    md = open_gguf(path).metadata
+    assert md["deepseek4.expert_feed_forward_length"] == F
+    assert md["deepseek4.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6, rel=1e-6)
+
+
+def test_moe_config_missing_keys(tmp_path):
+    path = tmp_path / "c.gguf"
+    write_gguf(path, {"x": torch.ones(3)}, {"qwen3moe.expert_count": 128, "qwen3moe.swiglu_clamp_exp": 7.0},
+               arch="qwen3moe")
+    got = open_gguf(path).moe_config()
+    assert got.arch == "qwen3moe" and got.expert_count == 128 and got.swiglu_clamp_exp == 7.0
+    assert got.expert_used_count is None and got.expert_weights_norm is None and got.block_count is None
+    assert got.expert_group_count == 0
+    assert open_gguf(path).get_metadata("qwen3moe.expert_count") == 128
+    assert open_gguf(path).get_metadata("GGUF.version") is None
+
+
+# ----------------------------------------------------------------------------- MoE layers
+
+
+def test_moe_layers_round_trip(tmp_path, gen):
+    layers = {
+        0: make_layer(gen, hash_layer=True),
+        2: make_layer(gen),
+        7: make_layer(gen, "Q4_K", "Q4_K", shared=False),
+    }
+    layers[7].bias = None
+    path = tmp_path / "moe.gguf"
+    write_moe_layers(path, layers, ds4_config(block_count=8))
+    f = open_gguf(path)
+    assert f.layers() == [0, 2, 7]
+    assert "blk.0.ffn_gate_tid2eid.weight" in f and "blk.2.ffn_gate_tid2eid.weight" not in f
+    assert "blk.7.ffn_gate_shexp.weight" not in f and "blk.7.exp_probs_b.bias" not in f
+    for L, want in layers.items():
+        got = f.moe_layer(L)
+        for field, name in layer_tensor_names(L).items():
+            w, g = getattr(want, field), getattr(got, field)
+            assert (w is None) == (g is None), name
+            if isinstance(w, QuantTensor):
+                assert g.qtype == w.qtype and g.shape == w.shape and torch.equal(g.data, w.data), name
+            elif w is not None:
+                assert g.dtype == w.dtype and torch.equal(g, w), name
+    assert f.moe_layer(0).gate.qtype == "IQ2_XXS" and f.moe_layer(0).down.qtype == "Q2_K"
+    assert set(f.tensor_names()) >= {"blk.2.ffn_up_exps.weight", "blk.2.ffn_down_shexp.weight"}
+
+
+def test_write_moe_layers_derives_config(tmp_path, gen):
+    path = tmp_path / "moe.gguf"
+    cfg = write_moe_layers(path, {1: make_layer(gen, hash_layer=True), "mtp.0": make_layer(gen)})
+    assert (cfg.expert_count, cfg.embedding_length, cfg.expert_feed_forward_length) == (E, H, F)
+    assert cfg.expert_used_count == KSEL and cfg.block_count == 2
+    f = open_gguf(path)
+    assert f.moe_config().expert_count == E
+    assert f.layers() == [1]
+    assert f.moe_layer("mtp.0").router.shape == (E, H)
+
+
+def test_moe_layer_mismatched_gate_up_types(tmp_path, gen):
+    lt = make_layer(gen)
+    t = lt.to_tensors(0)
+    t["blk.0.ffn_up_exps.weight"] = rand_qt("Q4_K", (E, F, H), gen)
+    path = tmp_path / "bad.gguf"
+    write_gguf(path, t, {})
+    with pytest.raises(ValueError, match=r"gate and up must share a quant type.*IQ2_XXS.*Q4_K"):
+        open_gguf(path).moe_layer(0)
+
+
+@pytest.mark.parametrize(
+    "name, shape, match",
+    [
+        ("blk.0.ffn_up_exps.weight", (E, 2 * F, H), "up shape"),
+        ("blk.0.ffn_down_exps.weight", (E, H, 2 * F), "down shape"),
+        ("blk.0.ffn_down_exps.weight", (E + 1, H, F), "down shape"),
+        ("blk.0.ffn_gate_inp.weight", (E + 1, H), "router shape"),
+        ("blk.0.exp_probs_b.bias", (E + 1,), "bias shape"),
+        ("blk.0.ffn_norm.weight", (2 * H,), "ffn_norm shape"),
+        ("blk.0.ffn_down_shexp.weight", (H, 2 * F), "shared shapes"),
+    ],
+)
+def test_moe_layer_shape_errors(tmp_path, gen, name, shape, match):
+    t = make_layer(gen).to_tensors(0)
+    old = t[name]
+    if isinstance(old, QuantTensor):
+        t[name] = rand_qt(old.qtype, shape, gen)
+    else:
+        t[name] = torch.randn(shape, generator=gen).to(old.dtype)
+    path = tmp_path / "bad.gguf"
+    write_gguf(path, t, {})
+    with pytest.raises(ValueError, match=match):
+        open_gguf(path).moe_layer(0)
+
+
+def test_moe_layer_partial_shared_and_bad_hash(tmp_path, gen):
+    t = make_layer(gen).to_tensors(0)
+    del t["blk.0.ffn_up_shexp.weight"]
+    path = tmp_path / "a.gguf"
+    write_gguf(path, t, {})
+    with pytest.raises(ValueError, match="shared expert needs gate, up and down"):
+        open_gguf(path).moe_layer(0)
+
+    t = make_layer(gen, hash_layer=True).to_tensors(0)
+    tab = t["blk.0.ffn_gate_tid2eid.weight"].clone()
+    tab[V // 2, 1] = E  # one id past the last expert
+    t["blk.0.ffn_gate_tid2eid.weight"] = tab
+    write_gguf(path, t, {})
+    with pytest.raises(ValueError, match=r"tid2eid.*expected 0\.\.3"):
+        open_gguf(path).moe_layer(0)
+
+
+def test_moe_layer_disagrees_with_metadata(tmp_path, gen):
+    t = make_layer(gen).to_tensors(0)
+    path = tmp_path / "a.gguf"
+    write_gguf(path, t, ds4_config(expert_count=8).to_metadata())
+    with pytest.raises(ValueError, match=r"expert_count = 8 but the tensors have E = 4"):
+        open_gguf(path).moe_layer(0)
+    assert open_gguf(path).moe_layer(0, check_config=False).num_experts == E
+    with pytest.raises(ValueError, match=r"embedding_length = 1024 but the tensors have H = 512"):
+        write_moe_layers(path, {0: make_layer(gen)}, ds4_config(embedding_length=1024))
+
+
+def test_moe_layer_missing_required_tensor(tmp_path, gen):
+    t = make_layer(gen).to_tensors(3)
+    del t["blk.3.ffn_down_exps.weight"]
+    path = tmp_path / "a.gguf"
+    write_gguf(path, t, {})
+    with pytest.raises(KeyError, match=r"blk\.3\.ffn_down_exps\.weight.*blk\.3\.ffn_gate_exps\.weight"):
+        open_gguf(path).moe_layer(3)
+
+
+# ----------------------------------------------------------------------------- zero copy
+
+
+def test_reads_are_views_of_the_mapped_file(tmp_path, gen):
+    qt = rand_qt("Q4_K", (E, 32, 512), gen)
+    x = torch.randn(E, H, generator=gen)
+    path = tmp_path / "z.gguf"
+    write_gguf(path, {"q": qt, "x": x}, {})
+    f = open_gguf(path)
+    mm = f._reader.data
+    base, size = mm.ctypes.data, mm.nbytes
+    q1, q2 = f.quant_tensor("q"), f.quant_tensor("q")
+    raw = {t.name: t for t in f._reader.tensors}
+    assert q1.data.data_ptr() == base + raw["q"].data_offset
+    assert q1.data.data_ptr() == q2.data.data_ptr()
+    xr = f.float_tensor("x")
+    assert base <= xr.data_ptr() < base + size
+    # copy-on-write: writing into a returned tensor changes neither the file nor other readers
+    q1.data[0, 0, 0] ^= 0xFF
+    assert q2.data[0, 0, 0] == q1.data[0, 0, 0]  # same mapping in this process
+    assert torch.equal(open_gguf(path).quant_tensor("q").data, qt.data)
+
+
+def test_closed_file(tmp_path):
+    path = tmp_path / "c.gguf"
+    write_gguf(path, {"x": torch.arange(5, dtype=torch.int32)}, {})
+    with open_gguf(path) as f:
+        x = f.float_tensor("x")
+    assert x.tolist() == [0, 1, 2, 3, 4]  # tensors outlive the file object
+    with pytest.raises(ValueError, match="closed"):
+        f.metadata  # noqa: B018
+    with pytest.raises(ValueError, match="closed"):
+        f.float_tensor("x")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tensors_round_trip(tmp_path, gen):
+    lt = make_layer(gen, hash_layer=True).to("cuda")
+    path = tmp_path / "cuda.gguf"
+    write_moe_layers(path, {0: lt})
+    got = open_gguf(path).moe_layer(0, device="cuda")
+    assert got.down.device.type == "cuda" and torch.equal(got.down.data, lt.down.data)
+    assert torch.equal(got.tid2eid, lt.tid2eid)
+
+
+def test_to_device_argument(tmp_path, gen):
+    path = tmp_path / "d.gguf"
+    write_moe_layers(path, {0: make_layer(gen)})
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    lt = open_gguf(path).moe_layer(0, device=dev)
+    assert lt.gate.device.type == dev and lt.router.device.type == dev
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        open_gguf(tmp_path / "nope.gguf")
+
+
+@pytest.mark.parametrize(
+    "content", [b"GGML" + bytes(100), b"\x00" * 64, b"hello world, not gguf", b"PK\x03\x04"]
+)
+def test_not_a_gguf_file(tmp_path, content):
+    path = tmp_path / "x.gguf"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        GGUFFile(path)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        GGUFFile(path)
+
+
+def _valid_file(tmp_path, gen):
+    path = tmp_path / "full.gguf"
+    write_moe_layers(path, {0: make_layer(gen, hash_layer=True)}, ds4_config())
+    blob = path.read_bytes()
+    r = GGUFReader(path)
+    data_start = r.data_offset
+    data_end = max(t.data_offset + t.n_bytes for t in r.tensors)  # bytes past this are padding
+    return blob, data_start, data_end
+
+
+def test_truncated_in_header(tmp_path, gen):
+    blob, data_start, _ = _valid_file(tmp_path, gen)
+    path = tmp_path / "cut.gguf"
+    for cut in range(1, data_start + 1):  # every cut inside the header, and right at its end
+        path.write_bytes(blob[:cut])
+        with pytest.raises(ValueError, match="truncated or corrupt"):
+            GGUFFile(path)
+
+
+def test_truncated_in_data(tmp_path, gen):
+    blob, data_start, data_end = _valid_file(tmp_path, gen)
+    path = tmp_path / "cut.gguf"
+    r = GGUFReader(tmp_path / "full.gguf")
+    # into each tensor's first and last bytes, plus a stride through the data
+    cuts = {c for t in r.tensors for c in (t.data_offset + 1, t.data_offset + t.n_bytes - 1)}
+    cuts = sorted(cuts | set(range(data_start + 7, data_end, (data_end - data_start) // 40)))
+    del r
+    for cut in cuts:
+        path.write_bytes(blob[:cut])
+        with pytest.raises(ValueError, match="truncated or corrupt"):
+            GGUFFile(path)
+    path.write_bytes(blob[:data_end])  # only the final alignment padding is gone: still complete
+    full = GGUFFile(tmp_path / "full.gguf").moe_layer(0).down.data
+    assert torch.equal(GGUFFile(path).moe_layer(0).down.data, full)
+
+
+def test_corrupt_tensor_info(tmp_path, gen):
+    blob, _, _ = _valid_file(tmp_path, gen)
+    path = tmp_path / "bad.gguf"
+    for mutate in ("offset", "dims", "zero_dim", "type"):
+        path.write_bytes(blob)
+        r = GGUFReader(path, mode="r+")
+        t = r.tensors[-1]
+        _, _, _, dims, raw_type, offset = t.field.parts
+        if mutate == "offset":
+            offset[0] = 1 << 40
+        elif mutate == "dims":
+            dims[-1] = 1 << 20
+        elif mutate == "zero_dim":  # gguf's reader accepts this (an empty tensor); we must not
+            dims[-1] = 0
+        else:
+            raw_type[0] = 250  # no such GGML type
+        r.data.flush()
+        del r, t, dims, raw_type, offset
+        with pytest.raises(ValueError, match="corrupt"):
+            GGUFFile(path)
+
+
+def test_missing_tensor_names_it_and_lists_others(tmp_path, gen):
+    path = tmp_path / "m.gguf"
+    write_gguf(path, {"blk.0.ffn_up_exps.weight": rand_qt("Q4_K", (E, F, H), gen), "tok": torch.ones(4)}, {})
+    f = open_gguf(path)
+    for getter in (f.quant_tensor, f.float_tensor, f.tensor_type):
+        with pytest.raises(TensorNotFoundError, match=r"'blk\.0\.ffn_gate_exps\.weight'.*blk\.0\.ffn_up"):
+            getter("blk.0.ffn_gate_exps.weight")
+    with pytest.raises(KeyError, match=r"no tensor named 'nothing'.*2 tensors"):
+        f.quant_tensor("nothing")
+
+
+def test_unsupported_quant_type(tmp_path):
+    path = tmp_path / "q5.gguf"
+    w = GGUFWriter(path, "deepseek4")
+    raw = np.random.default_rng(0).integers(0, 256, size=(32, 176), dtype=np.uint8)  # Q5_K: 176 B / 256
+    w.add_tensor("blk.0.ffn_gate_exps.weight", raw, raw_dtype=GGMLQuantizationType.Q5_K)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    f = open_gguf(path)
+    assert f.layers() == [0]
+    with pytest.raises(ValueError, match=r"Q5_K.*not support"):
+        f.quant_tensor("blk.0.ffn_gate_exps.weight")
+    with pytest.raises(ValueError, match="Q5_K"):
+        f.float_tensor("blk.0.ffn_gate_exps.weight")
+
+
+def test_wrong_accessor(tmp_path, gen):
+    path = tmp_path / "w.gguf"
+    write_gguf(path, {"f": torch.ones(4, 256), "q": rand_qt("Q8_0", (4, 256), gen)}, {})
+    f = open_gguf(path)
+    with pytest.raises(ValueError, match=r"'f' is F32, not quantized"):
+        f.quant_tensor("f")
+    with pytest.raises(ValueError, match=r"'q' is Q8_0"):
+        f.float_tensor("q")
+
+
+def test_write_rejects_bad_input(tmp_path, gen):
+    path = tmp_path / "w.gguf"
+    with pytest.raises(TypeError, match=r"'b'.*torch.bool"):
+        write_gguf(path, {"b": torch.ones(3, dtype=torch.bool)}, {})
+    with pytest.raises(ValueError, match="empty array"):
+        write_gguf(path, {"x": torch.ones(3)}, {"k": []})
+    with pytest.raises(TypeError, match="unsupported value type"):
+        write_gguf(path, {"x": torch.ones(3)}, {"k": {"a": 1}})
+    with pytest.raises(ValueError, match="at most 63 bytes"):
+        write_gguf(path, {"x" * 64: torch.ones(3)}, {})
+    with pytest.raises(ValueError, match="general.architecture"):
+        write_gguf(path, {"x": torch.ones(3)}, {"general.architecture": "llama"}, arch="deepseek4")
+    with pytest.raises(ValueError, match=">= 1 dim"):
+        write_gguf(path, {"x": torch.tensor(1.0)}, {})
+    assert not path.exists() and list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_layer_tensors_validate_on_construction(gen):
+    good = make_layer(gen)
+    with pytest.raises(ValueError, match=r"gate and up must share a quant type"):
+        MoELayerTensors(good.gate, rand_qt("Q4_K", (E, F, H), gen), good.down, good.router)
+    with pytest.raises(ValueError, match=r"down shape \(4, 256, 512\) must be \(E, H, F\) = \(4, 512, 256\)"):
+        MoELayerTensors(good.gate, good.up, rand_qt("Q2_K", (E, F, H), gen), good.router)
+    with pytest.raises(ValueError, match="tid2eid must be an int32"):
+        MoELayerTensors(good.gate, good.up, good.down, good.router, tid2eid=torch.zeros(V, KSEL))
+    with pytest.raises(TypeError, match="gate must be a QuantTensor"):
+        MoELayerTensors(good.gate.data, good.up, good.down, good.router)
