@@ -1,0 +1,70 @@
+"""Expert-major map, tile lists and the tile-width policy."""
+
+import pytest
+import torch
+
+from moetile import schedule
+
+
+def test_expert_map_counts_offsets_and_order():
+    ids = torch.tensor([[2, 0], [0, 1], [2, 1], [5, 0]], dtype=torch.int32)
+    m = schedule.build_expert_map(ids, 4)  # id 5 is out of range -> bin 4
+    assert m.counts.tolist() == [3, 2, 2, 0, 1]
+    assert m.offsets.tolist() == [0, 3, 5, 7, 7, 8]
+    assert m.sorted_pairs.tolist() == [1, 2, 7, 3, 5, 0, 4, 6]  # ascending pair id inside each expert
+
+
+@pytest.mark.parametrize("width", schedule.WIDTHS)
+def test_tiles_cover_every_pair_exactly_once(width):
+    g = torch.Generator().manual_seed(width)
+    E = 9
+    ids = torch.randint(0, E, (301, 3), generator=g, dtype=torch.int32)
+    ids[:150, 0] = 4  # one hot expert
+    m = schedule.build_expert_map(ids, E)
+    t = schedule.build_tiles(m, width)
+    assert t.n_tiles == -(-ids.numel() // width) + E + 1
+    covered = torch.zeros(ids.numel(), dtype=torch.int64)
+    for e, r in zip(t.expert.tolist(), t.row.tolist()):
+        cnt = m.counts[e].item()
+        if r >= cnt:
+            continue
+        start = m.offsets[e].item()
+        covered[m.sorted_pairs[start + r : start + min(r + width, cnt)].long()] += 1
+    assert (covered == 1).all()
+
+
+def test_ds4_rule_and_env_cap(monkeypatch):
+    monkeypatch.delenv(schedule.TILE_MAX_ENV, raising=False)
+    assert schedule.choose_tile("ds4", 2048, 6, 256) == 128
+    assert schedule.choose_tile("ds4", 192, 6, 256) == 64
+    assert schedule.choose_tile("ds4", 100, 6, 256) == 32
+    monkeypatch.setenv(schedule.TILE_MAX_ENV, "32")
+    assert schedule.choose_tile("ds4", 2048, 6, 256) == 32
+    assert schedule.choose_tile("auto", 8192, 6, 256) == 32
+    assert schedule.choose_tile(128, 8192, 6, 256) == 128  # a forced width ignores the cap
+    monkeypatch.setenv(schedule.TILE_MAX_ENV, "48")
+    with pytest.raises(ValueError, match="MOETILE_TILE_MAX='48'"):
+        schedule.choose_tile("ds4", 2048, 6, 256)
+
+
+def test_auto_follows_rows_per_expert(monkeypatch):
+    monkeypatch.delenv(schedule.TILE_MAX_ENV, raising=False)
+    assert schedule.choose_tile("auto", 1, 6, 256) == 16
+    assert schedule.choose_tile("auto", 512, 6, 256) == 16  # 12 rows per expert
+    assert schedule.choose_tile("auto", 2048, 6, 256) == 64  # 48
+    assert schedule.choose_tile("auto", 8192, 6, 256) == 128  # 192
+
+
+@pytest.mark.parametrize("bad", [0, 48, 256, "wide", True, 3.0])
+def test_bad_tile_arguments(bad):
+    with pytest.raises((ValueError, TypeError)):
+        schedule.choose_tile(bad, 128, 6, 256)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q2_K", "IQ2_XXS", "Q8_0"])
+@pytest.mark.parametrize("width", schedule.WIDTHS)
+def test_mm_config_matches_width_and_divides_n(qtype, width):
+    for n in (64, 192, 2048, 4096):
+        cfg = schedule.mm_config(width, n, qtype)
+        assert cfg.block_m == width
+        assert cfg.block_n == 64 or n % cfg.block_n == 0
