@@ -38,3 +38,62 @@ def mul_mm_id_ref(
         we = we.to(torch.float16).double() if round_f16 else we.double()
         out[sel] = x[sel] @ we.T
     return out.reshape(T, k, N)
+
+
+def swiglu_ref(g: torch.Tensor, u: torch.Tensor, w, clamp: float = 10.0) -> torch.Tensor:
+    """silu(min(g, C)) * clamp(u, -C, C) * w in float64 (ds4 §3.2-3.3: gate clamped above
+    only, up both ways, the route weight applied before the down projection)."""
+    g = torch.clamp(g.double(), max=clamp)
+    u = torch.clamp(u.double(), -clamp, clamp)
+    return g / (1.0 + torch.exp(-g)) * u * w
+
+
+def ds4_moe_ref(
+    x: torch.Tensor,
+    weights,
+    token_ids: torch.Tensor | None = None,
+    *,
+    topk_ids: torch.Tensor | None = None,
+    topk_weights: torch.Tensor | None = None,
+    include_shared: bool = True,
+    round_f16: bool = False,
+) -> torch.Tensor:
+    """float64 [T, H]: the whole routed FFN of ds4 §3.7 plus the shared expert (§3.6).
+
+    Same arguments as moe.moe_forward. Routing uses reference_routing.route_ref unless
+    topk_ids/topk_weights are given. ``round_f16`` rounds x, dequantized weights and mid to f16
+    as the prefill kernels do; the slot sum is in slot order.
+    """
+    from .reference_routing import route_ref
+
+    if topk_ids is None:
+        topk_ids, topk_weights = route_ref(
+            x, weights.router, bias=weights.bias, token_ids=token_ids, hash_table=weights.hash_table,
+            k=weights.top_k, scale=weights.scale,
+        )
+    T, k = topk_ids.shape
+    rw = topk_weights.double()
+    xs = x.to(torch.float16).double() if round_f16 else x.double()
+    ids = topk_ids.to(torch.int64)
+    y = torch.zeros((T, k, weights.down.shape[1]), dtype=torch.float64, device=x.device)
+    for e in torch.unique(ids).tolist():
+        sel = (ids == e).nonzero()
+        t, s = sel[:, 0], sel[:, 1]
+        y[t, s] = _expert_ref(xs[t], weights.gate.expert(e), weights.up.expert(e), weights.down.expert(e),
+                              rw[t, s], round_f16)
+    out = y[:, 0].clone()
+    for s in range(1, k):
+        out += y[:, s]
+    if include_shared and weights.shared_gate is not None:
+        out += _expert_ref(xs, weights.shared_gate, weights.shared_up, weights.shared_down,
+                           torch.ones(T, dtype=torch.float64, device=x.device), round_f16)
+    return out
+
+
+def _expert_ref(x, gate, up, down, w, round_f16):
+    """float64 [R, H]: down(swiglu(gate x, up x) * w) for rows x [R, H] of one expert."""
+    deq = lambda q: q.dequantize().to(torch.float16).double() if round_f16 else q.dequantize().double()
+    mid = swiglu_ref(x @ deq(gate).T, x @ deq(up).T, w[:, None])
+    if round_f16:
+        mid = mid.to(torch.float16).double()
+    return mid @ deq(down).T

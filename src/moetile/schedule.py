@@ -168,3 +168,43 @@ def mm_config(width: int, n_rows: int, qtype: str, fused: bool = False) -> MMCon
         block_n //= 2
     num_warps = 8 if block_n * width >= 128 * 64 else 4
     return MMConfig(block_m=width, block_n=block_n, num_warps=num_warps, num_stages=stages)
+
+
+def mv_block_n(interpreter: bool) -> int:
+    """Rows per program of the decode mat-vec: 16 on the GPU (few pairs, so many small
+    programs fill the SMs); 64 under Triton's interpreter, whose cost is per program."""
+    return 64 if interpreter else 16
+
+
+# --------------------------------------------------------------------------- layer plan
+DECODE_MAX_TOKENS = 8  # T at or below this takes the mat-vec path (measured: BENCHMARKS.md)
+PATHS = ("auto", "decode", "prefill")
+GATE_UP = ("auto", "fused", "split")
+# split (gate, up, then a SwiGLU pass) beat the fused two-accumulator kernel for IQ2_XXS on the
+# H100 (register spills); for the K-quants the two were within noise and fused saves a pass.
+_GATE_UP_DEFAULT = {"IQ2_XXS": "split", "Q2_K": "fused", "Q4_K": "fused", "Q8_0": "fused"}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one MoE layer runs: ``path`` "decode" (mat-vec, f32) or "prefill" (tiled MMA, f16
+    operands); ``width`` the token tile (prefill); ``gate_up`` "fused" or "split"."""
+
+    path: str
+    width: int
+    gate_up: str
+
+
+def plan_layer(num_tokens: int, top_k: int, num_experts: int, qtype: str, *, tile="auto",
+               path: str = "auto", gate_up: str = "auto") -> LayerPlan:
+    """The one place that decides path, tile width and gate/up variant (each overridable)."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if gate_up not in GATE_UP:
+        raise ValueError(f"gate_up must be one of {GATE_UP}, got {gate_up!r}")
+    if path == "auto":
+        path = "decode" if num_tokens <= DECODE_MAX_TOKENS else "prefill"
+    width = choose_tile(tile, num_tokens, top_k, num_experts)
+    if gate_up == "auto":
+        gate_up = _GATE_UP_DEFAULT[qtype]
+    return LayerPlan(path, width, gate_up)

@@ -1,0 +1,36 @@
+"""Small elementwise kernels of the MoE layer: SwiGLU with route weight, and the slot sum.
+
+Letters: P = T*k pairs, F expert FFN width, H hidden size.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def swiglu_weight_kernel(g_ptr, u_ptr, w_ptr, mid_ptr, F, CLAMP: tl.constexpr, BLOCK: tl.constexpr):
+    """mid[p, :] = silu(min(g, C)) * clamp(u, -C, C) * w[p], f32 in, f16 out; grid (P, cdiv(F, BLOCK))."""
+    p = tl.program_id(0).to(tl.int64)
+    f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = f < F
+    g = tl.minimum(tl.load(g_ptr + p * F + f, mask=ok, other=0.0), CLAMP)
+    u = tl.load(u_ptr + p * F + f, mask=ok, other=0.0)
+    u = tl.minimum(tl.maximum(u, -CLAMP), CLAMP)
+    w = tl.load(w_ptr + p)
+    tl.store(mid_ptr + p * F + f, (g / (1.0 + tl.exp(-g)) * u * w).to(tl.float16), mask=ok)
+
+
+@triton.jit
+def combine_slots_kernel(y_ptr, add_ptr, out_ptr, H, TOPK: tl.constexpr, HAS_ADD: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """out[t] = ((y[t,0] + y[t,1]) + ... + y[t,k-1]) (+ add[t]): fixed slot order, no atomics,
+    so the sum is deterministic. y f32 [T, k, H]; grid (T, cdiv(H, BLOCK))."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = h < H
+    acc = tl.load(y_ptr + t * TOPK * H + h, mask=ok, other=0.0)
+    for s in tl.static_range(1, TOPK):
+        acc += tl.load(y_ptr + (t * TOPK + s) * H + h, mask=ok, other=0.0)
+    if HAS_ADD:
+        acc += tl.load(add_ptr + t * H + h, mask=ok, other=0.0)
+    tl.store(out_ptr + t * H + h, acc, mask=ok)

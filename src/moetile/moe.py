@@ -1,0 +1,235 @@
+"""The DS4 Flash routed-MoE layer: router, grouped gate+up+SwiGLU, down, deterministic slot
+sum, shared expert; functional ``moe_forward`` and the ``DS4MoE`` module.
+
+Letters: T tokens, H hidden, F expert FFN width, E experts, k experts per token, P = T*k.
+Math and order of operations: ../shared/ds4-moe-reference.md §2-3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import routing, schedule
+from .ops._launch import use_kernel
+from .ops.elementwise import combine_slots, swiglu_weight
+from .ops.mul_mm_id import mul_mm_id_mapped
+from .ops.mul_mv_id import mul_mv_id
+from .quant import QuantTensor
+
+DS4 = dict(num_experts=256, top_k=6, hidden=4096, ffn=2048, scale=1.5)
+
+
+@dataclass(frozen=True)
+class MoEWeights:
+    """One layer's tensors. gate/up (E, F, H) and down (E, H, F) QuantTensors; router [E, H]
+    f16/f32 (None when ids are always given); bias [E] f32; hash_table [V, k] int32 (hash
+    layers); shared_* Q8_0 (F_s, H) / (H, F_s) or None."""
+
+    gate: QuantTensor
+    up: QuantTensor
+    down: QuantTensor
+    router: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    hash_table: torch.Tensor | None = None
+    shared_gate: QuantTensor | None = None
+    shared_up: QuantTensor | None = None
+    shared_down: QuantTensor | None = None
+    top_k: int = 6
+    scale: float = 1.5
+
+    def __post_init__(self):
+        for name in ("gate", "up", "down"):
+            t = getattr(self, name)
+            if not isinstance(t, QuantTensor) or len(t.shape) != 3:
+                raise TypeError(f"{name} must be an (E, N, K) QuantTensor, got {t!r}")
+        if self.gate.qtype != self.up.qtype:
+            raise ValueError(f"gate ({self.gate.qtype}) and up ({self.up.qtype}) must have the same quant type")
+        E, F, H = self.gate.shape
+        if self.up.shape != (E, F, H) or self.down.shape != (E, H, F):
+            raise ValueError(
+                f"expert shapes disagree: gate {self.gate.shape}, up {self.up.shape} must be (E, F, H) and "
+                f"down {self.down.shape} must be (E, H, F)"
+            )
+        if not 1 <= self.top_k <= E:
+            raise ValueError(f"top_k must be in [1, {E}], got {self.top_k}")
+        if self.router is not None and tuple(self.router.shape) != (E, H):
+            raise ValueError(f"router must be [E, H] = ({E}, {H}), got {tuple(self.router.shape)}")
+        shared = (self.shared_gate, self.shared_up, self.shared_down)
+        if any(s is not None for s in shared):
+            if any(s is None for s in shared):
+                raise ValueError("shared expert needs all of shared_gate, shared_up, shared_down")
+            Fs = self.shared_gate.shape[0]
+            if (self.shared_gate.shape != (Fs, H) or self.shared_up.shape != (Fs, H)
+                    or self.shared_down.shape != (H, Fs)):
+                raise ValueError(
+                    f"shared expert shapes: gate {self.shared_gate.shape}, up {self.shared_up.shape} must be "
+                    f"(F_s, {H}); down {self.shared_down.shape} must be ({H}, F_s)"
+                )
+        devs = {t.device for t in (self.gate, self.up, self.down)}
+        if len(devs) != 1:
+            raise ValueError(f"expert tensors are on different devices: {devs}")
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        """(E, H, F)."""
+        E, F, H = self.gate.shape
+        return E, H, F
+
+    @property
+    def has_shared(self) -> bool:
+        return self.shared_gate is not None
+
+    def to(self, device) -> MoEWeights:
+        mv = lambda t: None if t is None else t.to(device)
+        return MoEWeights(
+            mv(self.gate), mv(self.up), mv(self.down), mv(self.router), mv(self.bias), mv(self.hash_table),
+            mv(self.shared_gate), mv(self.shared_up), mv(self.shared_down), self.top_k, self.scale,
+        )
+
+
+def moe_forward(
+    x: torch.Tensor,
+    weights: MoEWeights,
+    token_ids: torch.Tensor | None = None,
+    *,
+    topk_ids: torch.Tensor | None = None,
+    topk_weights: torch.Tensor | None = None,
+    include_shared: bool = True,
+    tile="auto",
+    path: str = "auto",
+    gate_up: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """ffn_out f32 [T, H] = sum_s route_w[t,s] * down_e(SwiGLU(gate_e x, up_e x)) + shared(x).
+
+    x: [T, H] f32/bf16/f16 (the ffn_norm output). token_ids: [T] (hash layers only).
+    topk_ids int [T, k] and topk_weights f32 [T, k] bypass the router (other MoE models).
+    tile/path/gate_up override schedule.plan_layer (A/B). NaN/Inf in a token's x reach only that
+    token's output (and, via the router, its expert choice), never other tokens.
+    """
+    E, H, F = weights.dims
+    _check_x(x, H, weights.gate.device)
+    T = x.shape[0]
+    if topk_ids is None:
+        if weights.router is None:
+            raise ValueError("no router weights: pass topk_ids and topk_weights")
+        topk_ids, topk_weights = routing.route(
+            x, weights.router, bias=weights.bias, token_ids=token_ids, hash_table=weights.hash_table,
+            k=weights.top_k, scale=weights.scale, validate=validate,
+        )
+    else:
+        topk_ids, topk_weights = _check_ids(topk_ids, topk_weights, T, E, validate)
+    k = topk_ids.shape[1]
+    out = torch.empty((T, H), dtype=torch.float32, device=x.device)
+    if T == 0:
+        return out
+    if not use_kernel(x.device, "moe_forward"):
+        from .reference import ds4_moe_ref
+
+        ref = ds4_moe_ref(x, weights, topk_ids=topk_ids, topk_weights=topk_weights,
+                          include_shared=include_shared, round_f16=True)
+        return out.copy_(ref)
+    plan = schedule.plan_layer(T, k, E, weights.gate.qtype, tile=tile, path=path, gate_up=gate_up)
+    y = _routed(x, weights.gate, weights.up, weights.down, topk_ids, topk_weights, plan)  # [T, k, H]
+    shared = None
+    if include_shared and weights.has_shared:
+        ones_ids = torch.zeros((T, 1), dtype=torch.int32, device=x.device)
+        ones_w = torch.ones((T, 1), dtype=torch.float32, device=x.device)
+        sg, su, sd = (_as_stack(t) for t in (weights.shared_gate, weights.shared_up, weights.shared_down))
+        splan = schedule.plan_layer(T, 1, 1, sg.qtype, tile=tile, path=path, gate_up=gate_up)
+        shared = _routed(x, sg, su, sd, ones_ids, ones_w, splan).view(T, H)
+    return combine_slots(y, out, shared)
+
+
+def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan) -> torch.Tensor:
+    """y_slots f32 [T, k, H]: route_w * down(SwiGLU(gate x, up x)) per (token, slot)."""
+    T, k = ids.shape
+    E, F, H = gate.shape
+    P = T * k
+    rw = route_w.reshape(P).to(torch.float32).contiguous()
+    y = torch.empty((T, k, H), dtype=torch.float32, device=x.device)
+    if plan.path == "decode":
+        mid = torch.empty((P, F), dtype=torch.float32, device=x.device)
+        mul_mv_id(x, gate, ids, out=mid, w_up=up, route_weights=rw)
+        return mul_mv_id(mid.view(T, k, F), down, ids, out=y.view(P, H)).view(T, k, H)
+    emap = schedule.build_expert_map(ids, E)
+    tiles = schedule.build_tiles(emap, plan.width)
+    xh = x.to(torch.float16).contiguous()
+    mid = torch.empty((P, F), dtype=torch.float16, device=x.device)
+    if plan.gate_up == "fused":
+        mul_mm_id_mapped(xh, gate, emap, tiles, out=mid, w_up=up, route_weights=rw)
+    else:
+        g = torch.empty((P, F), dtype=torch.float32, device=x.device)
+        u = torch.empty((P, F), dtype=torch.float32, device=x.device)
+        mul_mm_id_mapped(xh, gate, emap, tiles, out=g)
+        mul_mm_id_mapped(xh, up, emap, tiles, out=u)
+        swiglu_weight(g, u, rw, mid)
+    mul_mm_id_mapped(mid.view(T, k, F), down, emap, tiles, out=y.view(P, H))
+    return y
+
+
+def _as_stack(w: QuantTensor) -> QuantTensor:
+    """A plain (N, K) matrix as a one-expert stack (1, N, K), no copy."""
+    return w if len(w.shape) == 3 else QuantTensor(w.data.unsqueeze(0), w.qtype, (1, *w.shape))
+
+
+def _check_x(x, H, device):
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x must be a float32/float16/bfloat16 tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() != 2 or x.shape[1] != H:
+        raise ValueError(f"x must be [T, H] with H = {H}, got shape {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"x is on {x.device} but the expert weights are on {device}")
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous")
+
+
+def _check_ids(ids, w, T, E, validate):
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 2:
+        raise TypeError(f"topk_ids must be an int32/int64 [T, k] tensor, got {getattr(ids, 'dtype', type(ids))}")
+    if ids.shape[0] != T:
+        raise ValueError(f"topk_ids has {ids.shape[0]} rows but x has {T} tokens")
+    if w is None or not isinstance(w, torch.Tensor) or tuple(w.shape) != tuple(ids.shape):
+        raise ValueError(f"topk_weights must be a float tensor of shape {tuple(ids.shape)} when topk_ids is given")
+    if validate and ids.numel() and bool(((ids < 0) | (ids >= E)).any()):
+        raise ValueError(f"topk_ids holds expert ids outside [0, {E})")
+    return ids.to(torch.int32).contiguous(), w.to(torch.float32).contiguous()
+
+
+class DS4MoE(torch.nn.Module):
+    """The DS4 Flash routed-MoE layer (plus shared expert) on GGUF-quantized weights.
+
+    ``forward(x [T, H], token_ids [T] | None) -> f32 [T, H]``. Build with ``from_gguf(path, L)``
+    or from QuantTensors (``DS4MoE(MoEWeights(...))``). Plan overrides (tile, path, gate_up) are
+    attributes for A/B runs.
+    """
+
+    def __init__(self, weights: MoEWeights, *, tile="auto", path: str = "auto", gate_up: str = "auto"):
+        super().__init__()
+        self.weights = weights
+        self.tile, self.path, self.gate_up = tile, path, gate_up
+
+    @classmethod
+    def from_gguf(cls, path, layer: int, device=None, **kw) -> DS4MoE:
+        from .gguf_io import open_gguf
+
+        f = open_gguf(path)
+        t = f.moe_layer(layer, device=device)
+        cfg = f.moe_config()
+        top_k = cfg.expert_used_count or DS4["top_k"]
+        scale = cfg.expert_weights_scale or DS4["scale"]
+        w = MoEWeights(
+            t.gate, t.up, t.down, t.router, t.bias, t.tid2eid, t.shared_gate, t.shared_up, t.shared_down,
+            top_k=top_k, scale=scale,
+        )
+        return cls(w, **kw)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return moe_forward(x, self.weights, token_ids, tile=self.tile, path=self.path, gate_up=self.gate_up)
+
+    def extra_repr(self) -> str:
+        E, H, F = self.weights.dims
+        return (f"E={E}, k={self.weights.top_k}, H={H}, F={F}, experts={self.weights.gate.qtype}/"
+                f"{self.weights.down.qtype}, shared={self.weights.has_shared}, hash={self.weights.hash_table is not None}")

@@ -1,0 +1,28 @@
+"""Launchers of the small elementwise kernels (SwiGLU + route weight, slot sum)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels.elementwise import combine_slots_kernel, swiglu_weight_kernel
+
+BLOCK = 1024
+
+
+def swiglu_weight(gate: torch.Tensor, up: torch.Tensor, route_weights: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+    """mid f16 [P, F] = silu(min(gate, 10)) * clamp(up, -10, 10) * route_weights[:, None];
+    gate/up f32 [P, F], route_weights f32 [P]."""
+    P, F = gate.shape
+    if P:
+        swiglu_weight_kernel[(P, -(-F // BLOCK))](gate, up, route_weights, mid, F, CLAMP=10.0, BLOCK=BLOCK)
+    return mid
+
+
+def combine_slots(y: torch.Tensor, out: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """out f32 [T, H] = sum over slots of y f32 [T, k, H] in slot order 0..k-1, plus ``add`` [T, H]."""
+    T, k, H = y.shape
+    if T:
+        combine_slots_kernel[(T, -(-H // BLOCK))](
+            y, add if add is not None else y, out, H, TOPK=k, HAS_ADD=add is not None, BLOCK=BLOCK
+        )
+    return out

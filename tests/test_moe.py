@@ -1,0 +1,171 @@
+"""The DS4 MoE layer against the float64 whole-layer reference (small shapes on CPU through the
+interpreter; DS4 shapes on the GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import row_rel_err
+
+from moetile import routing
+from moetile.moe import DS4MoE, MoEWeights, moe_forward
+from moetile.quant import random_blocks
+from moetile.reference import ds4_moe_ref
+from moetile.reference_routing import route_ref
+
+# prefill: f16 operands as in the reference with round_f16=True; f32 accumulation order and an
+# occasional different f16 rounding of mid (one ulp, 2^-11) are all that differ
+BOUND_PREFILL = 1e-3
+BOUND_DECODE = 1e-5  # decode: float32 throughout vs float64
+E, H, F, K_TOP = 8, 256, 256, 3
+
+
+def make_weights(gq, dq, device, *, shared=True, seed=0, E=E, H=H, F=F, k=K_TOP, hash_rows=0):
+    g = torch.Generator().manual_seed(seed)
+    kw = {}
+    if shared:
+        kw = dict(shared_gate=random_blocks("Q8_0", (F, H), g), shared_up=random_blocks("Q8_0", (F, H), g),
+                  shared_down=random_blocks("Q8_0", (H, F), g))
+    if hash_rows:
+        kw["hash_table"] = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(hash_rows)]).to(torch.int32)
+    w = MoEWeights(random_blocks(gq, (E, F, H), g), random_blocks(gq, (E, F, H), g), random_blocks(dq, (E, H, F), g),
+                   router=(torch.randn(E, H, generator=g) * 0.1).half(), bias=torch.rand(E, generator=g) * 0.05,
+                   top_k=k, **kw)
+    return w.to(device)
+
+
+MODELS = {"q2": ("IQ2_XXS", "Q2_K"), "q4": ("Q4_K", "Q4_K")}
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("T, tile", [(9, 16), (33, 32), (70, 64), (3, 128), (130, "auto")])
+def test_prefill_matches_reference(model, T, tile, device):
+    w = make_weights(*MODELS[model], device)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(device) * 3
+    for gu in ("fused", "split"):
+        out = moe_forward(x, w, tile=tile, path="prefill", gate_up=gu)
+        assert not torch.isnan(out).any()
+        ref = ds4_moe_ref(x, w, round_f16=True)
+        err = row_rel_err(out.cpu(), ref.cpu())
+        assert err.max() < BOUND_PREFILL, f"{model} T={T} tile={tile} {gu}: {err.max():.2e}"
+        assert row_rel_err(out.cpu(), ds4_moe_ref(x, w).cpu()).max() < 1e-2
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_decode_matches_reference(model, device):
+    w = make_weights(*MODELS[model], device)
+    x = torch.randn(2, H, generator=torch.Generator().manual_seed(5)).to(device) * 3
+    out = moe_forward(x, w, path="decode")
+    err = row_rel_err(out.cpu(), ds4_moe_ref(x, w).cpu())
+    assert err.max() < BOUND_DECODE
+
+
+def test_router_selection_matches_reference(device):
+    w = make_weights("Q4_K", "Q4_K", device)
+    x = torch.randn(64, H, generator=torch.Generator().manual_seed(1)).to(device)
+    ids, rw = routing.route(x, w.router, bias=w.bias, k=K_TOP)
+    ids_ref, rw_ref = route_ref(x.cpu(), w.router.cpu(), bias=w.bias.cpu(), k=K_TOP)
+    assert torch.equal(ids.cpu(), ids_ref)
+    assert torch.allclose(rw.cpu().double(), rw_ref, rtol=1e-5)
+
+
+def test_hash_layer_and_token_ids(device):
+    w = make_weights("Q4_K", "Q4_K", device, hash_rows=50)
+    x = torch.randn(12, H).to(device)
+    tok = torch.randint(0, 50, (12,)).to(device)
+    out = moe_forward(x, w, tok, path="prefill", tile=16)
+    ref = ds4_moe_ref(x, w, tok, round_f16=True)
+    assert row_rel_err(out.cpu(), ref.cpu()).max() < BOUND_PREFILL
+    with pytest.raises((ValueError, TypeError), match="token_ids"):
+        moe_forward(x, w)  # hash layer without token ids
+    with pytest.raises(ValueError, match="outside"):
+        moe_forward(x, w, torch.full((12,), 50, device=device))
+
+
+def test_bypass_router_and_no_shared(device):
+    w = make_weights("IQ2_XXS", "Q2_K", device, shared=False)
+    T = 20
+    ids = torch.rand(T, E).topk(2, dim=1).indices.to(torch.int32).to(device)
+    rw = torch.rand(T, 2).to(device)
+    out = moe_forward(torch.randn(T, H).to(device), w, topk_ids=ids, topk_weights=rw, tile=16)
+    assert out.shape == (T, H) and not torch.isnan(out).any()
+    x = torch.randn(T, H).to(device)
+    out = moe_forward(x, w, topk_ids=ids, topk_weights=rw, tile=16)
+    ref = ds4_moe_ref(x, w, topk_ids=ids, topk_weights=rw, round_f16=True)
+    assert row_rel_err(out.cpu(), ref.cpu()).max() < BOUND_PREFILL
+
+
+def test_deterministic_bitwise(device):
+    w = make_weights("Q4_K", "Q4_K", device)
+    x = torch.randn(40, H).to(device)
+    a = moe_forward(x, w, tile=16)
+    b = moe_forward(x, w, tile=16)
+    assert torch.equal(a, b)
+
+
+def test_nan_stays_in_its_token(device):
+    w = make_weights("Q4_K", "Q4_K", device)
+    x = torch.randn(10, H).to(device)
+    clean = moe_forward(x, w, tile=16, path="prefill")
+    x[3, 7] = float("nan")
+    out = moe_forward(x, w, tile=16, path="prefill")
+    assert torch.isnan(out[3]).all()
+    keep = torch.arange(10, device=device) != 3
+    assert torch.equal(out[keep], clean[keep])
+
+
+def test_module_and_bad_inputs(device):
+    w = make_weights("Q4_K", "Q4_K", device)
+    m = DS4MoE(w, tile=16)
+    assert "E=8" in repr(m)
+    with pytest.raises(ValueError, match="H = 256"):
+        m(torch.randn(4, H + 1).to(device))
+    with pytest.raises(TypeError, match="float32"):
+        m(torch.ones(4, H, dtype=torch.int32).to(device))
+    with pytest.raises(ValueError, match="same quant type"):
+        MoEWeights(w.gate, random_blocks("IQ2_XXS", (E, F, H)).to(device), w.down)
+    with pytest.raises(ValueError, match="expert shapes"):
+        MoEWeights(w.gate, w.up, random_blocks("Q4_K", (E, H, 2 * F)).to(device))
+    with pytest.raises(ValueError, match="topk_weights"):
+        moe_forward(torch.randn(2, H).to(device), w, topk_ids=torch.zeros(2, 3, dtype=torch.int32).to(device))
+    with pytest.raises(ValueError, match="outside"):
+        moe_forward(torch.randn(2, H).to(device), w, topk_ids=torch.full((2, 3), E, dtype=torch.int32).to(device),
+                    topk_weights=torch.ones(2, 3).to(device))
+    with pytest.raises(ValueError, match="path"):
+        moe_forward(torch.randn(2, H).to(device), w, path="fast")
+
+
+def test_zero_tokens(device):
+    w = make_weights("Q4_K", "Q4_K", device)
+    assert moe_forward(torch.randn(0, H).to(device), w).shape == (0, H)
+
+
+def test_from_gguf_round_trip(tmp_path, device):
+    from moetile.gguf_io import MoELayerTensors, write_moe_layers
+
+    w = make_weights("IQ2_XXS", "Q2_K", "cpu")
+    lt = MoELayerTensors(w.gate, w.up, w.down, w.router, w.bias, None, w.shared_gate, w.shared_up, w.shared_down)
+    path = tmp_path / "layer.gguf"
+    write_moe_layers(path, {0: lt}, metadata={"deepseek4.expert_used_count": K_TOP})
+    m = DS4MoE.from_gguf(path, 0, device=device, tile=16)
+    x = torch.randn(20, H).to(device)
+    ref = ds4_moe_ref(x, w.to(device), round_f16=True)
+    assert row_rel_err(m(x).cpu(), ref.cpu()).max() < BOUND_PREFILL
+
+
+# ----------------------------------------------------------------------------- GPU, DS4 shapes
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", MODELS)
+def test_ds4_layer_gpu(model):
+    w = make_weights(*MODELS[model], "cuda", E=256, H=4096, F=2048, k=6)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for T in (1, 6, 32, 512, 2048, 8192):
+        x = torch.randn(T, 4096, device="cuda", generator=g)
+        out = moe_forward(x, w)
+        assert not torch.isnan(out).any()
+        s = torch.randperm(T, device="cuda", generator=g)[:16].sort().values
+        ids, rw = routing.route(x, w.router, bias=w.bias, k=6)
+        decode = T <= 8
+        ref = ds4_moe_ref(x[s], w, topk_ids=ids[s], topk_weights=rw[s], round_f16=not decode)
+        err = row_rel_err(out[s], ref).max().item()
+        assert err < (BOUND_DECODE * 10 if decode else BOUND_PREFILL), f"{model} T={T}: {err:.2e}"
