@@ -101,12 +101,15 @@ def moe_forward(
     path: str = "auto",
     gate_up: str = "auto",
     validate: bool = True,
+    stage_hook=None,
 ) -> torch.Tensor:
     """ffn_out f32 [T, H] = sum_s route_w[t,s] * down_e(SwiGLU(gate_e x, up_e x)) + shared(x).
 
     x: [T, H] f32/bf16/f16 (the ffn_norm output). token_ids: [T] (hash layers only).
     topk_ids int [T, k] and topk_weights f32 [T, k] bypass the router (other MoE models).
-    tile/path/gate_up override schedule.plan_layer (A/B). NaN/Inf in a token's x reach only that
+    tile/path/gate_up override schedule.plan_layer (A/B). ``stage_hook(name)``, if given, is
+    called after each stage (route, map, gate_up, down, shared, combine): the profiler records
+    CUDA events there. NaN/Inf in a token's x reach only that
     token's output (and, via the router, its expert choice), never other tokens.
     """
     E, H, F = weights.dims
@@ -121,6 +124,8 @@ def moe_forward(
         )
     else:
         topk_ids, topk_weights = _check_ids(topk_ids, topk_weights, T, E, validate)
+    hook = stage_hook or (lambda name: None)
+    hook("route")
     k = topk_ids.shape[1]
     out = torch.empty((T, H), dtype=torch.float32, device=x.device)
     if T == 0:
@@ -132,7 +137,7 @@ def moe_forward(
                           include_shared=include_shared, round_f16=True)
         return out.copy_(ref)
     plan = schedule.plan_layer(T, k, E, weights.gate.qtype, tile=tile, path=path, gate_up=gate_up)
-    y = _routed(x, weights.gate, weights.up, weights.down, topk_ids, topk_weights, plan)  # [T, k, H]
+    y = _routed(x, weights.gate, weights.up, weights.down, topk_ids, topk_weights, plan, hook)  # [T, k, H]
     shared = None
     if include_shared and weights.has_shared:
         ones_ids = torch.zeros((T, 1), dtype=torch.int32, device=x.device)
@@ -140,22 +145,30 @@ def moe_forward(
         sg, su, sd = (_as_stack(t) for t in (weights.shared_gate, weights.shared_up, weights.shared_down))
         splan = schedule.plan_layer(T, 1, 1, sg.qtype, tile=tile, path=path, gate_up=gate_up)
         shared = _routed(x, sg, su, sd, ones_ids, ones_w, splan).view(T, H)
-    return combine_slots(y, out, shared)
+        hook("shared")
+    combine_slots(y, out, shared)
+    hook("combine")
+    return out
 
 
-def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan) -> torch.Tensor:
+def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, hook=None) -> torch.Tensor:
     """y_slots f32 [T, k, H]: route_w * down(SwiGLU(gate x, up x)) per (token, slot)."""
     T, k = ids.shape
     E, F, H = gate.shape
     P = T * k
+    hook = hook or (lambda name: None)
     rw = route_w.reshape(P).to(torch.float32).contiguous()
     y = torch.empty((T, k, H), dtype=torch.float32, device=x.device)
     if plan.path == "decode":
         mid = torch.empty((P, F), dtype=torch.float32, device=x.device)
         mul_mv_id(x, gate, ids, out=mid, w_up=up, route_weights=rw)
-        return mul_mv_id(mid.view(T, k, F), down, ids, out=y.view(P, H)).view(T, k, H)
+        hook("gate_up")
+        mul_mv_id(mid.view(T, k, F), down, ids, out=y.view(P, H))
+        hook("down")
+        return y
     emap = schedule.build_expert_map(ids, E)
     tiles = schedule.build_tiles(emap, plan.width)
+    hook("map")
     xh = x.to(torch.float16).contiguous()
     mid = torch.empty((P, F), dtype=torch.float16, device=x.device)
     if plan.gate_up == "fused":
@@ -166,7 +179,9 @@ def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan) -> torch.
         mul_mm_id_mapped(xh, gate, emap, tiles, out=g)
         mul_mm_id_mapped(xh, up, emap, tiles, out=u)
         swiglu_weight(g, u, rw, mid)
+    hook("gate_up")
     mul_mm_id_mapped(mid.view(T, k, F), down, emap, tiles, out=y.view(P, H))
+    hook("down")
     return y
 
 

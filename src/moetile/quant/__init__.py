@@ -66,6 +66,8 @@ def quantize(x: torch.Tensor, qtype, importance: torch.Tensor | None = None) -> 
     if not torch.isfinite(x).all():
         raise ValueError("quantize: x contains NaN or Inf")
     if importance is not None:
+        if not isinstance(importance, torch.Tensor) or not importance.is_floating_point():
+            raise TypeError(f"quantize: importance must be a float tensor [K], got {type(importance).__name__}")
         if importance.shape != (x.shape[-1],):
             raise ValueError(f"quantize: importance must have shape ({x.shape[-1]},), got {tuple(importance.shape)}")
         importance = importance.to(device=x.device, dtype=torch.float32)

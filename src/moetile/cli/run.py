@@ -1,0 +1,59 @@
+"""`moetile run`: the main job. On a GPU: info, the audit of every type and RHS, a short bench
+of q2 and q4 (decode, 512, 2048, 8192) and a profile. Without a GPU: the same steps on small
+shapes through Triton's interpreter, which checks correctness but measures nothing."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="the main job: info + audit + bench (+ profile on a GPU)")
+    p.add_argument("--out", default="out", help="folder for the CSV and SVG files")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ._env import prepare
+
+    interp = prepare()
+    import os
+
+    import torch
+    from rich.console import Console
+
+    from . import audit, bench, info, profile
+
+    con = Console()
+    gpu = torch.cuda.is_available()
+    os.makedirs(args.out, exist_ok=True)
+    if interp:
+        con.rule("[yellow]CPU only: kernels run through Triton's interpreter on small shapes; "
+                 "no figure below is a performance figure[/]")
+    rc = info.run(argparse.Namespace())
+    con.rule("audit")
+    a = dict(n=64, k=256, rows=None, widths="16,32,64,128", experts=8, seed=0)
+    if gpu:
+        rc |= audit.run(argparse.Namespace(qtype="all", rhs="both", **a))
+    else:
+        rc |= audit.run(argparse.Namespace(qtype="q4_k", rhs="f32", **dict(a, widths="32,64")))
+    con.rule("bench")
+    for model in ("q2", "q4"):
+        b = dict(model=model, experts=None, topk=6, hidden=None, ffn=None, gguf=None, layer=3,
+                 step_mul=4.0 if gpu else 2.0, step_incr=0, gen_tokens=1, routing="uniform",
+                 no_baseline=False, reps=20, csv=os.path.join(args.out, "bench.csv"),
+                 svg=os.path.join(args.out, f"bench_{model}.svg"))
+        if gpu:
+            b.update(tokens_start=512, tokens_max=8192, widths="32,64,128,auto")
+        else:
+            b.update(tokens_start=16, tokens_max=32, widths="16,auto", gen_tokens=0)
+        rc |= bench.run(argparse.Namespace(**b))
+        if not gpu:
+            break
+    if gpu:
+        con.rule("profile")
+        for model in ("q2", "q4"):
+            rc |= profile.run(argparse.Namespace(model=model, tokens=2048, tile="auto", gate_up="auto", reps=10,
+                                                 csv=os.path.join(args.out, "profile.csv")))
+    con.rule("[green]done[/]" if rc == 0 else "[red]FAILED[/]")
+    return rc
