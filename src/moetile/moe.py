@@ -227,10 +227,12 @@ class DS4MoE(torch.nn.Module):
         self.tile, self.path, self.gate_up = tile, path, gate_up
 
     @classmethod
-    def from_gguf(cls, path, layer: int, device=None, **kw) -> DS4MoE:
+    def from_gguf(cls, file, layer: int, device=None, **kw) -> DS4MoE:
+        """Layer ``layer`` of the GGUF ``file`` (memory-mapped, not dequantized), on ``device``;
+        ``kw`` are the plan overrides (tile, path, gate_up)."""
         from .gguf_io import open_gguf
 
-        f = open_gguf(path)
+        f = open_gguf(file)
         t = f.moe_layer(layer, device=device)
         cfg = f.moe_config()
         top_k = cfg.expert_used_count or DS4["top_k"]

@@ -177,7 +177,9 @@ def mv_block_n(interpreter: bool) -> int:
 
 
 # --------------------------------------------------------------------------- layer plan
-DECODE_MAX_TOKENS = 8  # T at or below this takes the mat-vec path (measured: BENCHMARKS.md)
+# T at or below this takes the mat-vec path, by gate/up type. H100 crossover of the decode
+# mat-vec against the best tile (BENCHMARKS.md): q2 between T=8 and 16, q4 between 32 and 64.
+DECODE_MAX_TOKENS = {"IQ2_XXS": 8, "Q2_K": 8, "Q4_K": 32, "Q8_0": 8}
 PATHS = ("auto", "decode", "prefill")
 GATE_UP = ("auto", "fused", "split")
 # split (gate, up, then a SwiGLU pass) beat the fused two-accumulator kernel for IQ2_XXS on the
@@ -203,7 +205,7 @@ def plan_layer(num_tokens: int, top_k: int, num_experts: int, qtype: str, *, til
     if gate_up not in GATE_UP:
         raise ValueError(f"gate_up must be one of {GATE_UP}, got {gate_up!r}")
     if path == "auto":
-        path = "decode" if num_tokens <= DECODE_MAX_TOKENS else "prefill"
+        path = "decode" if num_tokens <= DECODE_MAX_TOKENS[qtype] else "prefill"
     width = choose_tile(tile, num_tokens, top_k, num_experts)
     if gate_up == "auto":
         gate_up = _GATE_UP_DEFAULT[qtype]

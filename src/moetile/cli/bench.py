@@ -87,7 +87,10 @@ def run(args) -> int:
         con.print(f"{meta['card']}: copy {ceil.copy_gbs:.0f} GB/s, f16 matmul {ceil.f16_tflops:.0f} TFLOP/s "
                   f"(measured now); torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}")
     rows = []
-    variants = [("decode" if t <= 8 else None) for t in tokens]
+    from ..schedule import DECODE_MAX_TOKENS
+
+    dec_max = DECODE_MAX_TOKENS[w.gate.qtype]
+    variants = [("decode" if t <= dec_max else None) for t in tokens]
     total = len(routings) * sum(1 if v else len(widths) + (base is not None) for v in variants)
     with Progress(console=con, transient=True) as prog:
         task = prog.add_task("bench", total=total)
@@ -101,14 +104,14 @@ def run(args) -> int:
                 if ceil:
                     wb = B.weight_bytes(w, ids)
                     floor_ms = max(wb / ceil.copy_gbs / 1e6, B.layer_flops(T, shape) / ceil.f16_tflops / 1e9)
-                cases = [("decode", dict(path="decode"))] if T <= 8 else [
+                cases = [("decode", dict(path="decode"))] if T <= dec_max else [
                     (f"w={x}" if x != "auto" else "auto", dict(tile=int(x) if x != "auto" else "auto", path="prefill"))
                     for x in widths]
                 for name, plan in cases:
                     ms = B.time_ms(lambda plan=plan: B.run_layer(w, nxt(), ids, rw, **plan), reps=reps)
                     rows.append(_row(meta, routing, T, name, ms, shape, w, ids, floor_ms))
                     prog.advance(task)
-                if base is not None and T > 8:
+                if base is not None and T > dec_max:
                     ms = B.time_ms(lambda: base(nxt(), ids, rw), reps=reps)
                     rows.append(_row(meta, routing, T, "torch-bf16", ms, shape, w, ids, floor_ms))
                     prog.advance(task)
