@@ -24,7 +24,7 @@ def test_tiles_cover_every_pair_exactly_once(width):
     t = schedule.build_tiles(m, width)
     assert t.n_tiles == -(-ids.numel() // width) + E + 1
     covered = torch.zeros(ids.numel(), dtype=torch.int64)
-    for e, r in zip(t.expert.tolist(), t.row.tolist()):
+    for e, r in zip(t.expert.tolist(), t.row.tolist(), strict=True):
         cnt = m.counts[e].item()
         if r >= cnt:
             continue

@@ -62,12 +62,11 @@ def time_ms(fn, *, warmup: int = 3, reps: int = 20) -> float:
 
 def measure_ceilings() -> Ceilings:
     """Copy bandwidth and f16 tensor-core rate of this GPU, measured now."""
-    n = 1 << 29  # 1 GiB of f16... 0.5 Gi elements x 2 B
-    a = torch.empty(n, dtype=torch.float16, device="cuda").normal_()
-    b = torch.empty_like(a)
-    ms = time_ms(lambda: b.copy_(a), reps=20)
-    copy = 2 * a.numel() * 2 / ms / 1e6
-    del a, b
+    n = 1 << 29  # 0.5 Gi f16 elements: 1 GiB read + 1 GiB written per copy
+    src = torch.empty(n, dtype=torch.float16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), reps=20)
+    copy = 2 * n * 2 / ms / 1e6
     m = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
     m2 = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
     ms = time_ms(lambda: m @ m2, reps=20)

@@ -249,4 +249,5 @@ class DS4MoE(torch.nn.Module):
     def extra_repr(self) -> str:
         E, H, F = self.weights.dims
         return (f"E={E}, k={self.weights.top_k}, H={H}, F={F}, experts={self.weights.gate.qtype}/"
-                f"{self.weights.down.qtype}, shared={self.weights.has_shared}, hash={self.weights.hash_table is not None}")
+                f"{self.weights.down.qtype}, shared={self.weights.has_shared}, "
+                f"hash={self.weights.hash_table is not None}")

@@ -51,7 +51,7 @@ def run(args) -> int:
             with Progress(transient=True, console=con) as prog:
                 task = prog.add_task(f"audit {qtype} rhs={rhs}", total=total)
                 res = run_audit(qtype, args.n, args.k, rows, widths, rhs=rhs, experts=args.experts,
-                                device=device, seed=args.seed, progress=lambda n: prog.advance(task, n))
+                                device=device, seed=args.seed, progress=lambda n, task=task: prog.advance(task, n))
             t = Table(title=f"audit {qtype}, N={args.n}, K={args.k}, rhs={rhs}, {device}"
                             f"{' (interpreter)' if interp else ''}: bad rows (first bad row, max rel err)")
             t.add_column("scenario")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import subprocess
+from functools import partial
 
 
 def add_parser(sub) -> None:
@@ -45,7 +47,7 @@ def token_sweep(start: int, stop: int, mul: float, incr: int) -> list[int]:
 def run(args) -> int:
     from ._env import prepare
 
-    interp = prepare()
+    prepare()
     import torch
     import triton
     from rich.console import Console
@@ -96,10 +98,9 @@ def run(args) -> int:
         task = prog.add_task("bench", total=total)
         for routing in routings:
             for T in tokens:
-                xs = [torch.randn(T, shape.H, device=dev) for _ in range(4)]
+                xs = [torch.randn(T, shape.H, device=dev) for _ in range(4)]  # rotated inputs
                 ids, rw = B.make_routing(routing, T, shape, dev, seed=T)
-                it = iter(range(1 << 30))
-                nxt = lambda: xs[next(it) % len(xs)]
+                nxt = _rotation(xs)
                 floor_ms = None
                 if ceil:
                     wb = B.weight_bytes(w, ids)
@@ -108,11 +109,11 @@ def run(args) -> int:
                     (f"w={x}" if x != "auto" else "auto", dict(tile=int(x) if x != "auto" else "auto", path="prefill"))
                     for x in widths]
                 for name, plan in cases:
-                    ms = B.time_ms(lambda plan=plan: B.run_layer(w, nxt(), ids, rw, **plan), reps=reps)
+                    ms = B.time_ms(partial(_layer_call, B.run_layer, w, nxt, ids, rw, plan), reps=reps)
                     rows.append(_row(meta, routing, T, name, ms, shape, w, ids, floor_ms))
                     prog.advance(task)
                 if base is not None and T > dec_max:
-                    ms = B.time_ms(lambda: base(nxt(), ids, rw), reps=reps)
+                    ms = B.time_ms(partial(_base_call, base, nxt, ids, rw), reps=reps)
                     rows.append(_row(meta, routing, T, "torch-bf16", ms, shape, w, ids, floor_ms))
                     prog.advance(task)
     t = Table(title=f"moetile bench {model} ({meta['experts']}), E={shape.E} k={shape.k} H={shape.H} F={shape.F}, "
@@ -137,6 +138,19 @@ def run(args) -> int:
         _plot(args.svg, rows, t.title)
         con.print(f"plot written to {args.svg}")
     return 0
+
+
+def _rotation(xs):
+    it = itertools.count()
+    return lambda: xs[next(it) % len(xs)]
+
+
+def _layer_call(run_layer, w, nxt, ids, rw, plan):
+    return run_layer(w, nxt(), ids, rw, **plan)
+
+
+def _base_call(base, nxt, ids, rw):
+    return base(nxt(), ids, rw)
 
 
 def _row(meta, routing, T, variant, ms, shape, w, ids, floor_ms):
@@ -170,11 +184,11 @@ def _plot(path, rows, title):
             pts = sorted((r["T"], r["tok_s"]) for r in rows if r["variant"] == v and r["routing"] == routing)
             if pts:
                 style = dict(ls="--", color="k") if v == "torch-bf16" else {}
-                ax.plot(*zip(*pts), marker="o", label=f"{v} ({routing})", **style)
+                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{v} ({routing})", **style)
         fl = sorted({(r["T"], r["T"] / r["floor_ms"] * 1e3) for r in rows
                      if r["routing"] == routing and r["floor_ms"] and r["T"] > 8})
         if fl:
-            ax.plot(*zip(*fl), ls=":", color="gray", label=f"floor ({routing})")
+            ax.plot(*zip(*fl, strict=True), ls=":", color="gray", label=f"floor ({routing})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("prefill chunk T (tokens)")

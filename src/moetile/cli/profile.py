@@ -30,7 +30,8 @@ def run(args) -> int:
     shape = B.Shape()
     w = B.make_weights(args.model, shape, "cuda")
     g = torch.Generator(device="cuda").manual_seed(1)
-    w = MoEWeights(w.gate, w.up, w.down, router=(torch.randn(shape.E, shape.H, device="cuda", generator=g) * 0.02).half(),
+    router = (torch.randn(shape.E, shape.H, device="cuda", generator=g) * 0.02).half()
+    w = MoEWeights(w.gate, w.up, w.down, router=router,
                    bias=torch.rand(shape.E, device="cuda", generator=g) * 0.01,
                    shared_gate=random_blocks("Q8_0", (shape.F, shape.H), g, "cuda"),
                    shared_up=random_blocks("Q8_0", (shape.F, shape.H), g, "cuda"),

@@ -27,7 +27,7 @@ def use_kernel(device: torch.device, op: str) -> bool:
     return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_fallback(op: str) -> None:
     warnings.warn(
         f"moetile.{op}: CPU tensors and no TRITON_INTERPRET=1, so the torch reference runs "
@@ -38,7 +38,7 @@ def _warn_fallback(op: str) -> None:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _iq2_codes(device: str) -> torch.Tensor:
     from ..quant import iq2_xxs
 

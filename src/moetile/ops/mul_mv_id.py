@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import schedule
 from ..kernels.mv_id import mul_mv_id_kernel
 from ..quant import QuantTensor
-from .. import schedule
 from ._launch import interpreted, table_for
 from .mul_mm_id import QTYPE_IDS
 

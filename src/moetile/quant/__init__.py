@@ -41,7 +41,8 @@ def dequantize(blocks, qtype=None, shape=None) -> torch.Tensor:
         raise TypeError("dequantize: qtype is required when blocks is a raw uint8 tensor")
     fmt = get_format(qtype)
     if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.uint8:
-        raise TypeError(f"dequantize: blocks must be a uint8 torch.Tensor, got {getattr(blocks, 'dtype', type(blocks))}")
+        got = getattr(blocks, "dtype", type(blocks))
+        raise TypeError(f"dequantize: blocks must be a uint8 torch.Tensor, got {got}")
     if blocks.dim() == 0 or blocks.shape[-1] % fmt.block_bytes:
         raise ValueError(
             f"dequantize: last dimension ({tuple(blocks.shape)}) must be a multiple of the "
