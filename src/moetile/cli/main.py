@@ -7,17 +7,13 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import audit, info
+    from . import audit, bench, bench_ops, info, profile, run
 
     parser = argparse.ArgumentParser(prog="moetile", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     info.add_parser(sub)
     audit.add_parser(sub)
-    for name in ("bench", "profile", "run"):
-        try:
-            mod = __import__(f"moetile.cli.{name}", fromlist=["add_parser"])
-        except ImportError:
-            continue
+    for mod in (bench, bench_ops, profile, run):
         mod.add_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

@@ -34,7 +34,7 @@ def _warn_fallback(op: str) -> None:
         "instead of the Triton kernel (slow; set TRITON_INTERPRET=1 before importing moetile "
         "to run the kernel through Triton's interpreter)",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
 
 
