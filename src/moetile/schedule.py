@@ -148,10 +148,10 @@ class MMConfig:
     num_stages: int
 
 
-# (block_n, stages) per quant type and width, from the H100 sweep of 2026-11-25 (BENCHMARKS.md):
-# IQ2_XXS prefers 256 weight rows per program, the K-quants 128.
+# (block_n, stages) per quant type and width, from the H100 sweeps of 2026-11-25 (BENCHMARKS.md).
+# Widths 16 and 32 of IQ2_XXS were not re-swept after its decode moved to [BN, 4] tensors.
 _MM_SHAPES = {
-    "IQ2_XXS": {16: (256, 2), 32: (128, 2), 64: (256, 2), 128: (256, 3)},
+    "IQ2_XXS": {16: (256, 2), 32: (128, 2), 64: (256, 3), 128: (128, 3)},
     "Q2_K": {16: (128, 4), 32: (128, 4), 64: (128, 4), 128: (128, 3)},
     "Q4_K": {16: (128, 2), 32: (128, 2), 64: (128, 2), 128: (128, 3)},
     "Q8_0": {16: (128, 3), 32: (128, 3), 64: (128, 3), 128: (128, 3)},

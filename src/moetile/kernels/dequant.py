@@ -4,7 +4,8 @@
 ``256*kb + 32*g + (0..31)`` of the rows whose byte addresses are ``row_ptr`` [BN] (``g`` is a
 run-time group index 0..7 inside super-block ``kb``; for Q8_0 a super-block is eight 34-byte
 blocks). Layouts: ../shared/ds4-moe-reference.md §4. Per-row scale work is done on [BN]
-vectors; per-weight work is kept to a few integer ops (no 64-bit math, no 3-D reshapes).
+vectors (per-sub-vector work of IQ2_XXS on [BN, 4]); per-weight work is kept to a few
+integer ops (no 64-bit math).
 Callers round to f16 for ``tl.dot`` or keep float32 for mat-vec work.
 """
 
@@ -68,35 +69,30 @@ def _q2_k(row_ptr, kb, g):
 
 
 @triton.jit
-def _iq2_xxs(row_ptr, kb, g, codes_ptr):
+def _iq2_xxs(row_ptr, kb, g, codes_ptr, BN: tl.constexpr):
     # codes_ptr: int32 [256], entry i = the 8 grid bytes of GRID[i] as 2-bit codes
     # (8 -> 0, 25 -> 1, 43 -> 2), weight j at bits 2j..2j+1; magnitude = 8 + 17c + (c >> 1).
+    # Per-sub-vector work runs on [BN, 4] tensors (a [BN] tensor is replicated across every
+    # thread that holds a piece of its row; [BN, 4] is not), then expands to [BN, 4, 8].
     blk = row_ptr + kb * 66
     d = _f16(blk)
     grp = blk + 2 + 8 * g
-    a0 = _u16(grp)  # grid indices of sub-vectors 0, 1
-    a1 = _u16(grp + 2)  # of 2, 3
+    l4 = tl.arange(0, 4)
+    gidx = tl.load(grp[:, None] + l4[None, :]).to(tl.int32)  # [BN, 4] grid index bytes
     b = _u16(grp + 4) | (_u16(grp + 6) << 16)  # 4 x 7 sign bits, then the 4-bit scale
     db = d * (0.5 + ((b >> 28) & 0xF).to(tl.float32)) * 0.25
-    c0 = tl.load(codes_ptr + (a0 & 0xFF))
-    c1 = tl.load(codes_ptr + (a0 >> 8))
-    c2 = tl.load(codes_ptr + (a1 & 0xFF))
-    c3 = tl.load(codes_ptr + (a1 >> 8))
-    codes_lo = c0 | (c1 << 16)  # weights 0..15 of the group, 2 bits each
-    codes_hi = c2 | (c3 << 16)  # weights 16..31
-    # sign byte of sub-vector l: its 7 stored bits plus their parity (an even count of minus signs)
-    sw = tl.zeros_like(b)
-    for l in tl.static_range(4):
-        s = (b >> (7 * l)) & 127
-        p = s ^ (s >> 4)
-        p = p ^ (p >> 2)
-        p = p ^ (p >> 1)
-        sw = sw | ((s | ((p & 1) << 7)) << (8 * l))  # bit c of sw = sign of weight c
-    c = tl.arange(0, 32)[None, :]
-    code = (tl.where(c < 16, codes_lo[:, None], codes_hi[:, None]) >> ((2 * c) & 31)) & 3
-    mag = 8 + 17 * code + (code >> 1)
-    neg = (sw[:, None] >> c) & 1
-    return db[:, None] * (mag * (1 - 2 * neg)).to(tl.float32)
+    code16 = tl.load(codes_ptr + gidx)  # [BN, 4]
+    s = (b[:, None] >> (7 * l4[None, :])) & 127  # [BN, 4]
+    # the 8th sign bit is the parity of the 7 stored ones (an even count of minus signs)
+    p = s ^ (s >> 4)
+    p = p ^ (p >> 2)
+    p = p ^ (p >> 1)
+    signs = s | ((p & 1) << 7)
+    j8 = tl.arange(0, 8)[None, None, :]
+    code = (code16[:, :, None] >> (2 * j8)) & 3  # [BN, 4, 8]
+    neg = (signs[:, :, None] >> j8) & 1
+    v = ((8 + 17 * code + (code >> 1)) * (1 - 2 * neg)).to(tl.float32)
+    return db[:, None] * tl.reshape(v, (BN, 32))
 
 
 @triton.jit
@@ -109,14 +105,14 @@ def _q8_0(row_ptr, kb, g):
 
 
 @triton.jit
-def dequant_group(row_ptr, kb, g, QTYPE: tl.constexpr, table_ptr):
+def dequant_group(row_ptr, kb, g, QTYPE: tl.constexpr, table_ptr, BN: tl.constexpr):
     """float32 [BN, 32]: weights 256*kb + 32*g + (0..31) of the rows at ``row_ptr`` [BN]."""
     if QTYPE == 12:
         w = _q4_k(row_ptr, kb, g)
     elif QTYPE == 10:
         w = _q2_k(row_ptr, kb, g)
     elif QTYPE == 16:
-        w = _iq2_xxs(row_ptr, kb, g, table_ptr)
+        w = _iq2_xxs(row_ptr, kb, g, table_ptr, BN)
     else:
         w = _q8_0(row_ptr, kb, g)
     return w

@@ -80,10 +80,10 @@ def mul_mm_id_kernel(
         g = it % 8
         x = tl.load(rhs_base + (it * 32 + kk)[:, None], mask=m_ok[None, :], other=0.0)
         x = x.to(tl.float16)  # [32, BLOCK_M]
-        w = dequant_group(row_ptr, kb, g, QTYPE, table_ptr).to(tl.float16)  # [BLOCK_N, 32]
+        w = dequant_group(row_ptr, kb, g, QTYPE, table_ptr, BLOCK_N).to(tl.float16)  # [BLOCK_N, 32]
         acc = tl.dot(w, x, acc)
         if FUSE_SWIGLU:
-            w2 = dequant_group(row2_ptr, kb, g, QTYPE, table_ptr).to(tl.float16)
+            w2 = dequant_group(row2_ptr, kb, g, QTYPE, table_ptr, BLOCK_N).to(tl.float16)
             acc2 = tl.dot(w2, x, acc2)
 
     if FUSE_SWIGLU:

@@ -57,9 +57,9 @@ def mul_mv_id_kernel(
     acc2 = tl.zeros((BLOCK_N, 32), dtype=tl.float32)
     for it in range(0, K // 32):
         x = tl.load(rhs_row + it * 32 + kk).to(tl.float32)[None, :]  # [1, 32]
-        acc += dequant_group(row_ptr, it // 8, it % 8, QTYPE, table_ptr) * x
+        acc += dequant_group(row_ptr, it // 8, it % 8, QTYPE, table_ptr, BLOCK_N) * x
         if FUSE_SWIGLU:
-            acc2 += dequant_group(row2_ptr, it // 8, it % 8, QTYPE, table_ptr) * x
+            acc2 += dequant_group(row2_ptr, it // 8, it % 8, QTYPE, table_ptr, BLOCK_N) * x
     y = tl.sum(acc, axis=1)
     if FUSE_SWIGLU:
         g = tl.minimum(y, CLAMP)
