@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import gguf
+    from importlib.metadata import PackageNotFoundError, version
+
     import numpy as np
     import triton
     from gguf.quants import dequantize as gguf_dequantize
@@ -23,10 +24,14 @@ def run(args) -> int:
     from .. import __version__
     from ..quant import FORMATS, dequantize, random_blocks
 
+    try:
+        gguf_version = version("gguf")
+    except PackageNotFoundError:
+        gguf_version = "?"
     con = Console()
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU only)"
     con.print(f"moetile {__version__} | python {platform.python_version()} | torch {torch.__version__} | "
-              f"triton {triton.__version__} | gguf {getattr(gguf, '__version__', '?')} | numpy {np.__version__}")
+              f"triton {triton.__version__} | gguf {gguf_version} | numpy {np.__version__}")
     con.print(f"GPU: {dev}")
     t = Table(title="quant types (self-check: moetile dequantize == gguf.quants.dequantize, bitwise)")
     for col in ("type", "ggml id", "weights/block", "bytes/block", "bits/weight", "self-check"):

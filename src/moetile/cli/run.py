@@ -28,8 +28,8 @@ def run(args) -> int:
     gpu = torch.cuda.is_available()
     os.makedirs(args.out, exist_ok=True)
     if interp:
-        con.rule("[yellow]CPU only: kernels run through Triton's interpreter on small shapes; "
-                 "no figure below is a performance figure[/]")
+        con.print("[yellow]CPU only: the kernels run through Triton's interpreter on small shapes; "
+                  "no figure below is a performance figure.[/]")
     rc = info.run(argparse.Namespace())
     con.rule("audit")
     a = dict(n=64, k=256, rows=None, widths="16,32,64,128", experts=8, seed=0)
