@@ -73,7 +73,7 @@ def run_audit(
             for width in widths:
                 out = torch.full((T, kk, n), float("nan"), device=device)
                 op(x, w, topk, tile=width, out=out)
-                err = _row_errors(out, ref)
+                err = row_rel_err(out, ref).cpu()
                 bad = (err > bound).nonzero().flatten()
                 out_rows.append(
                     AuditRow(
@@ -101,11 +101,12 @@ def _routing(scenario: str, r: int, experts: int, g, device) -> torch.Tensor:
     return scores.topk(2, dim=1).indices.to(torch.int32)
 
 
-def _row_errors(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def row_rel_err(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """float64 [rows]: ||out_r - ref_r|| / ||ref_r|| per row (last dim); NaN counts as inf."""
     o = out.double().reshape(-1, out.shape[-1])
     f = ref.double().reshape(-1, ref.shape[-1])
     err = (o - f).norm(dim=1) / f.norm(dim=1).clamp_min(1e-30)
-    return torch.nan_to_num(err, nan=float("inf")).cpu()
+    return torch.nan_to_num(err, nan=float("inf"))
 
 
 def all_rows(widths) -> list[int]:

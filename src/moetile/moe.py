@@ -18,7 +18,7 @@ from .ops.mul_mm_id import mul_mm_id_mapped
 from .ops.mul_mv_id import mul_mv_id
 from .quant import QuantTensor
 
-DS4 = dict(num_experts=256, top_k=6, hidden=4096, ffn=2048, scale=1.5)
+DS4 = dict(top_k=6, scale=1.5)  # used when a GGUF lacks expert_used_count / expert_weights_scale
 
 
 @dataclass(frozen=True)

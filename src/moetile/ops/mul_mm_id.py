@@ -7,6 +7,7 @@ K inputs.
 from __future__ import annotations
 
 import torch
+import triton
 
 from .. import schedule
 from ..kernels.dequant import IQ2_XXS, Q2_K, Q4_K, Q8_0
@@ -96,7 +97,7 @@ def mul_mm_id_mapped(
     dummy = w.data
     if rhs2.dtype != torch.float16:  # operands are f16 in the MMA anyway: halve the re-reads
         rhs2 = rhs2.to(torch.float16)
-    grid = (triton_cdiv(N, cfg.block_n), tiles.n_tiles)
+    grid = (triton.cdiv(N, cfg.block_n), tiles.n_tiles)
     mul_mm_id_kernel[grid](
         w.data,
         w_up.data if fused else dummy,
@@ -125,10 +126,6 @@ def mul_mm_id_mapped(
         num_stages=cfg.num_stages,
     )
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _check(rhs, w, topk_ids):
