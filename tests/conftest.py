@@ -15,6 +15,8 @@ if not HAS_CUDA:
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
+from helpers import Helpers  # noqa: E402  (imports moetile: after TRITON_INTERPRET is set)
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
@@ -28,3 +30,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture
+def helpers() -> type[Helpers]:
+    return Helpers

@@ -1,8 +1,13 @@
-"""Shared test helpers: relative-error metrics that name the first bad coordinates."""
+"""Shared test helpers: relative-error metrics that name the first bad coordinates; GGUF block
+helpers (the gguf numpy oracle, bit-exact comparison, blocks with extreme f16 fields, the error
+metrics of the quality targets)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from gguf.constants import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
 
 from moetile.audit import row_rel_err  # noqa: F401  (re-exported for the tests)
 
@@ -24,3 +29,70 @@ def assert_rows_close(out: torch.Tensor, ref: torch.Tensor, bound: float, what: 
             f"{what}: {bad.numel()} rows over relative error {bound:g}; first row {r}: "
             f"err {err[r].item():.3e}, out[:4] {o}, ref[:4] {f}; max err {err.max().item():.3e}"
         )
+
+
+# f16 values that stress the dequantizers: subnormals, the largest finite, negatives, ±0
+EXTREME_F16 = np.array(
+    [2.0**-24, 3 * 2.0**-24, 2.0**-15, 6.1e-5, 65504.0, -65504.0, 30000.0, -1.5, -(2.0**-24), 0.0, -0.0, 1.0],
+    dtype=np.float16,
+)
+
+
+class Helpers:
+    @staticmethod
+    def gguf_reference(mod, data: torch.Tensor) -> np.ndarray:
+        """float32 [..., K] from gguf's numpy dequantizer, the oracle."""
+        with np.errstate(all="ignore"):
+            return gguf_dequantize(data.cpu().numpy(), GGMLQuantizationType[mod.QTYPE])
+
+    @staticmethod
+    def assert_bitexact(ref: np.ndarray, out: torch.Tensor) -> None:
+        """Same bits everywhere (NaNs only need to be NaN in the same places)."""
+        got = out.cpu().numpy()
+        assert got.dtype == np.float32 and got.shape == ref.shape, (got.dtype, got.shape, ref.shape)
+        nan_ref, nan_got = np.isnan(ref), np.isnan(got)
+        where = np.argwhere(nan_ref != nan_got)[:5]
+        assert np.array_equal(nan_ref, nan_got), f"NaN positions differ at {where}"
+        bits_ref = ref.view(np.uint32)[~nan_ref]
+        bits_got = got.view(np.uint32)[~nan_got]
+        bad = np.flatnonzero(bits_ref != bits_got)
+        assert bad.size == 0, (
+            f"{bad.size} values differ; first at flat index {bad[0]}: "
+            f"ref {ref[~nan_ref][bad[0]]!r} got {got[~nan_got][bad[0]]!r}"
+        )
+
+    @staticmethod
+    def random_bytes(n_blocks: int, block_bytes: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, 256, (n_blocks, block_bytes), dtype=torch.uint8, generator=g)
+
+    @staticmethod
+    def set_f16(data: torch.Tensor, offset: int, values: np.ndarray) -> None:
+        """Overwrite the f16 field at byte ``offset`` of each block row with ``values``."""
+        raw = torch.from_numpy(np.ascontiguousarray(values.astype(np.float16)).view(np.uint8).reshape(-1, 2))
+        data[:, offset : offset + 2] = raw
+
+    @staticmethod
+    def extreme_f16(n: int, seed: int) -> np.ndarray:
+        """n f16 values: the extremes list cycled, mixed with random finite normals."""
+        rng = np.random.default_rng(seed)
+        vals = rng.normal(0, 0.01, n).astype(np.float16)
+        pick = rng.random(n) < 0.6
+        vals[pick] = rng.choice(EXTREME_F16, pick.sum())
+        return vals
+
+    @staticmethod
+    def cos_metric(mod) -> float:
+        """llama.cpp test-quantize-fns: x[i] = 0.1 + 2 cos(i), error sqrt(Σ(x − x̂)²) / n, n = 4096."""
+        n = 4096
+        x = (0.1 + 2 * np.cos(np.arange(n, dtype=np.float64))).astype(np.float32)
+        x = torch.from_numpy(x).reshape(1, n)
+        y = mod.dequantize(mod.quantize(x))
+        return float(((x.double() - y.double()) ** 2).sum().sqrt()) / n
+
+    @staticmethod
+    def rel_rmse(mod, rows: int = 64, seed: int = 0) -> float:
+        """‖x − x̂‖ / ‖x‖ on N(0, 1) rows of 4096."""
+        x = torch.randn(rows, 4096, generator=torch.Generator().manual_seed(seed))
+        y = mod.dequantize(mod.quantize(x))
+        return float((x.double() - y.double()).norm() / x.double().norm())

@@ -61,10 +61,13 @@ def test_bad_tile_arguments(bad):
         schedule.choose_tile(bad, 128, 6, 256)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q2_K", "IQ2_XXS", "Q8_0"])
+@pytest.mark.parametrize("form", ["Q4_K", "Q2_K", "IQ2_XXS/fast", "IQ2_XXS/compact", "Q8_0"])
 @pytest.mark.parametrize("width", schedule.WIDTHS)
-def test_mm_config_matches_width_and_divides_n(qtype, width):
+def test_mm_config_matches_width_and_divides_n(form, width):
     for n in (64, 192, 2048, 4096):
-        cfg = schedule.mm_config(width, n, qtype)
-        assert cfg.block_m == width
-        assert cfg.block_n == 64 or n % cfg.block_n == 0
+        for fused in (False, True):
+            cfg = schedule.mm_config(width, n, form, fused=fused)
+            assert cfg.block_m == width and cfg.asm
+            assert cfg.block_n == 64 or n % cfg.block_n == 0
+            assert cfg.block_k in (128, 256)
+    assert not schedule.mm_config(width, 64, form, interpreter=True).asm

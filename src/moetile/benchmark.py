@@ -73,14 +73,15 @@ def measure_ceilings() -> Ceilings:
     return Ceilings(copy, 2 * 8192**3 / ms / 1e9)
 
 
-def make_weights(model: str, shape: Shape, device, seed: int = 0) -> MoEWeights:
+def make_weights(model: str, shape: Shape, device, seed: int = 0, form: str = "auto") -> MoEWeights:
+    """Random valid expert weights of a preset, packed (``form`` picks the IQ2_XXS form)."""
     gq, dq = PRESETS[model]
     g = torch.Generator(device=device).manual_seed(seed)
     E, H, F = shape.E, shape.H, shape.F
     return MoEWeights(
         random_blocks(gq, (E, F, H), g, device), random_blocks(gq, (E, F, H), g, device),
         random_blocks(dq, (E, H, F), g, device), top_k=shape.k,
-    )
+    ).packed(form)
 
 
 def make_routing(kind: str, T: int, shape: Shape, device, seed: int = 0):
@@ -117,10 +118,9 @@ class Bf16Baseline:
     """torch bf16 on pre-dequantized weights: grouped GEMMs (torch._grouped_mm where it runs,
     else a per-expert loop), SwiGLU with the ds4 clamps, slot sum. Same work as the layer."""
 
-    def __init__(self, w: MoEWeights, chunk: int = 16):
+    def __init__(self, w: MoEWeights):
         self.E = w.gate.shape[0]
-        deq = lambda q: torch.cat([_deq_chunk(q, i, chunk) for i in range(0, self.E, chunk)])
-        self.gate, self.up, self.down = deq(w.gate), deq(w.up), deq(w.down)  # [E, N, K] bf16
+        self.gate, self.up, self.down = (dequantize_bf16(q) for q in (w.gate, w.up, w.down))  # [E, N, K] bf16
         self.grouped = hasattr(torch, "_grouped_mm")
 
     def _gmm(self, a, wt, offs, counts):
@@ -152,11 +152,13 @@ class Bf16Baseline:
         return slots.view(T, k, -1).sum(1)
 
 
-def _deq_chunk(q, i, chunk):
-    from .quant import QuantTensor
-
-    sub = QuantTensor(q.data[i : i + chunk], q.qtype, (min(chunk, q.shape[0] - i), *q.shape[1:]))
-    return sub.dequantize(torch.bfloat16)
+def dequantize_bf16(q, chunk: int = 16) -> torch.Tensor:
+    """bf16 [E, N, K] of a quantized expert stack, dequantized ``chunk`` experts at a time (the
+    float32 temporaries of all 256 DS4 experts at once would not fit beside the weights)."""
+    return torch.cat([
+        torch.stack([q.expert(e).dequantize(torch.bfloat16) for e in range(i, min(i + chunk, q.shape[0]))])
+        for i in range(0, q.shape[0], chunk)
+    ])
 
 
 def run_layer(w: MoEWeights, x, ids, rw, **plan):

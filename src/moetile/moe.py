@@ -12,38 +12,42 @@ from dataclasses import dataclass
 import torch
 
 from . import routing, schedule
+from .ops._checks import ids_int32
 from .ops._launch import use_kernel
 from .ops.elementwise import combine_slots, swiglu_weight
 from .ops.mul_mm_id import mul_mm_id_mapped
-from .ops.mul_mv_id import mul_mv_id
+from .ops.mul_mv_id import launch_mv
 from .quant import QuantTensor
+from .quant.pack import PackedTensor, packed
+
+Quantized = QuantTensor | PackedTensor
 
 DS4 = dict(top_k=6, scale=1.5)  # used when a GGUF lacks expert_used_count / expert_weights_scale
 
 
 @dataclass(frozen=True)
 class MoEWeights:
-    """One layer's tensors. gate/up (E, F, H) and down (E, H, F) QuantTensors; router [E, H]
-    f16/f32 (None when ids are always given); bias [E] f32; hash_table [V, k] int32 (hash
-    layers); shared_* Q8_0 (F_s, H) / (H, F_s) or None."""
+    """One layer's tensors. gate/up (E, F, H) and down (E, H, F) quantized (PackedTensor, or
+    QuantTensor packed on first use); router [E, H] f16/f32 (None when ids are always given); bias
+    [E] f32; hash_table [V, k] int32 (hash layers); shared_* Q8_0 (F_s, H) / (H, F_s) or None."""
 
-    gate: QuantTensor
-    up: QuantTensor
-    down: QuantTensor
+    gate: Quantized
+    up: Quantized
+    down: Quantized
     router: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     hash_table: torch.Tensor | None = None
-    shared_gate: QuantTensor | None = None
-    shared_up: QuantTensor | None = None
-    shared_down: QuantTensor | None = None
+    shared_gate: Quantized | None = None
+    shared_up: Quantized | None = None
+    shared_down: Quantized | None = None
     top_k: int = 6
     scale: float = 1.5
 
     def __post_init__(self):
         for name in ("gate", "up", "down"):
             t = getattr(self, name)
-            if not isinstance(t, QuantTensor) or len(t.shape) != 3:
-                raise TypeError(f"{name} must be an (E, N, K) QuantTensor, got {t!r}")
+            if not isinstance(t, (QuantTensor, PackedTensor)) or len(t.shape) != 3:
+                raise TypeError(f"{name} must be an (E, N, K) PackedTensor or QuantTensor, got {t!r}")
         if self.gate.qtype != self.up.qtype:
             raise ValueError(f"gate ({self.gate.qtype}) and up ({self.up.qtype}) must have the same quant type")
         E, F, H = self.gate.shape
@@ -86,6 +90,18 @@ class MoEWeights:
         return MoEWeights(
             mv(self.gate), mv(self.up), mv(self.down), mv(self.router), mv(self.bias), mv(self.hash_table),
             mv(self.shared_gate), mv(self.shared_up), mv(self.shared_down), self.top_k, self.scale,
+        )
+
+    def packed(self, form: str = "auto") -> MoEWeights:
+        """The same layer with every quantized tensor in its packed form (``form`` picks the
+        IQ2_XXS form: "auto", "fast" or "compact"); already packed tensors are kept."""
+        quant = (self.gate, self.up, self.down, self.shared_gate, self.shared_up, self.shared_down)
+        if form == "auto" and all(t is None or isinstance(t, PackedTensor) for t in quant):
+            return self
+        pk = lambda t: None if t is None else packed(t, form)
+        return MoEWeights(
+            pk(self.gate), pk(self.up), pk(self.down), self.router, self.bias, self.hash_table,
+            pk(self.shared_gate), pk(self.shared_up), pk(self.shared_down), self.top_k, self.scale,
         )
 
 
@@ -136,13 +152,14 @@ def moe_forward(
         ref = ds4_moe_ref(x, weights, topk_ids=topk_ids, topk_weights=topk_weights,
                           include_shared=include_shared, round_f16=True)
         return out.copy_(ref)
+    weights = weights.packed()  # a no-op for packed weights; QuantTensors pack once (cached)
     plan = schedule.plan_layer(T, k, E, weights.gate.qtype, tile=tile, path=path, gate_up=gate_up)
     y = _routed(x, weights.gate, weights.up, weights.down, topk_ids, topk_weights, plan, hook)  # [T, k, H]
     shared = None
     if include_shared and weights.has_shared:
         ones_ids = torch.zeros((T, 1), dtype=torch.int32, device=x.device)
         ones_w = torch.ones((T, 1), dtype=torch.float32, device=x.device)
-        sg, su, sd = (_as_stack(t) for t in (weights.shared_gate, weights.shared_up, weights.shared_down))
+        sg, su, sd = (t.stack() for t in (weights.shared_gate, weights.shared_up, weights.shared_down))
         splan = schedule.plan_layer(T, 1, 1, sg.qtype, tile=tile, path=path, gate_up=gate_up)
         shared = _routed(x, sg, su, sd, ones_ids, ones_w, splan).view(T, H)
         hook("shared")
@@ -161,9 +178,10 @@ def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, hook=None
     y = torch.empty((T, k, H), dtype=torch.float32, device=x.device)
     if plan.path == "decode":
         mid = torch.empty((P, F), dtype=torch.float32, device=x.device)
-        mul_mv_id(x, gate, ids, out=mid, w_up=up, route_weights=rw)
+        ids32 = ids_int32(ids, E)
+        launch_mv(x, gate, ids32, k, mid, w_up=up, route_weights=rw)
         hook("gate_up")
-        mul_mv_id(mid.view(T, k, F), down, ids, out=y.view(P, H))
+        launch_mv(mid.view(T, k, F), down, ids32, k, y.view(P, H))
         hook("down")
         return y
     emap = schedule.build_expert_map(ids, E)
@@ -183,11 +201,6 @@ def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, hook=None
     mul_mm_id_mapped(mid.view(T, k, F), down, emap, tiles, out=y.view(P, H))
     hook("down")
     return y
-
-
-def _as_stack(w: QuantTensor) -> QuantTensor:
-    """A plain (N, K) matrix as a one-expert stack (1, N, K), no copy."""
-    return w if len(w.shape) == 3 else QuantTensor(w.data.unsqueeze(0), w.qtype, (1, *w.shape))
 
 
 def _check_x(x, H, device):
@@ -217,19 +230,21 @@ class DS4MoE(torch.nn.Module):
     """The DS4 Flash routed-MoE layer (plus shared expert) on GGUF-quantized weights.
 
     ``forward(x [T, H], token_ids [T] | None) -> f32 [T, H]``. Build with ``from_gguf(path, L)``
-    or from QuantTensors (``DS4MoE(MoEWeights(...))``). Plan overrides (tile, path, gate_up) are
-    attributes for A/B runs.
+    or from quantized tensors (``DS4MoE(MoEWeights(...))``); the experts are packed once, here
+    (``form`` picks the IQ2_XXS form: "auto", "fast" or "compact"). Plan overrides (tile, path,
+    gate_up) are attributes for A/B runs.
     """
 
-    def __init__(self, weights: MoEWeights, *, tile="auto", path: str = "auto", gate_up: str = "auto"):
+    def __init__(self, weights: MoEWeights, *, form: str = "auto", tile="auto", path: str = "auto",
+                 gate_up: str = "auto"):
         super().__init__()
-        self.weights = weights
+        self.weights = weights.packed(form)
         self.tile, self.path, self.gate_up = tile, path, gate_up
 
     @classmethod
     def from_gguf(cls, file, layer: int, device=None, **kw) -> DS4MoE:
-        """Layer ``layer`` of the GGUF ``file`` (memory-mapped, not dequantized), on ``device``;
-        ``kw`` are the plan overrides (tile, path, gate_up)."""
+        """Layer ``layer`` of the GGUF ``file`` (memory-mapped, not dequantized), packed on
+        ``device``; ``kw``: ``form`` and the plan overrides (tile, path, gate_up)."""
         from .gguf_io import open_gguf
 
         f = open_gguf(file)
@@ -248,6 +263,7 @@ class DS4MoE(torch.nn.Module):
 
     def extra_repr(self) -> str:
         E, H, F = self.weights.dims
-        return (f"E={E}, k={self.weights.top_k}, H={H}, F={F}, experts={self.weights.gate.qtype}/"
+        g = self.weights.gate
+        return (f"E={E}, k={self.weights.top_k}, H={H}, F={F}, experts={g.qtype}/{g.form} + "
                 f"{self.weights.down.qtype}, shared={self.weights.has_shared}, "
                 f"hash={self.weights.hash_table is not None}")

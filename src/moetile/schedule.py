@@ -140,40 +140,44 @@ def choose_tile(tile, num_tokens: int, top_k: int, num_experts: int) -> int:
 @dataclass(frozen=True)
 class MMConfig:
     """Launch shape of the grouped matmul: token tile ``block_m`` (= tile width), weight rows
-    per program ``block_n``, warps and software-pipelining stages."""
+    per program ``block_n``, weights per K step ``block_k``, warps, software-pipelining stages,
+    and ``asm``: decode with the PTX decoders (GPU) or their plain-tl twins (interpreter, tests)."""
 
     block_m: int
     block_n: int
+    block_k: int
     num_warps: int
     num_stages: int
+    asm: bool
 
 
-# (block_n, stages) per quant type and width, from the H100 sweeps of 2026-11-25 (BENCHMARKS.md).
-# Widths 16 and 32 of IQ2_XXS were not re-swept after its decode moved to [BN, 4] tensors.
+# (block_n, block_k, num_warps, num_stages) per packed form and width.
 _MM_SHAPES = {
-    "IQ2_XXS": {16: (256, 2), 32: (128, 2), 64: (256, 3), 128: (128, 3)},
-    "Q2_K": {16: (128, 4), 32: (128, 4), 64: (128, 4), 128: (128, 3)},
-    "Q4_K": {16: (128, 2), 32: (128, 2), 64: (128, 2), 128: (128, 3)},
-    "Q8_0": {16: (128, 3), 32: (128, 3), 64: (128, 3), 128: (128, 3)},
+    form: {16: (128, 256, 4, 2), 32: (128, 256, 4, 2), 64: (128, 256, 8, 2), 128: (128, 128, 8, 2)}
+    for form in ("Q4_K", "Q2_K", "IQ2_XXS/fast", "IQ2_XXS/compact", "Q8_0")
 }
+_MM_FUSED = (64, 256, 4, 2)
 
 
-def mm_config(width: int, n_rows: int, qtype: str, fused: bool = False) -> MMConfig:
-    """Kernel shape for a tile width, quant type and N (rows per program must divide N or
-    fall back to 64). The fused gate+up variant holds two accumulators: 64 rows per program."""
-    block_n, stages = _MM_SHAPES[qtype][width]
-    if fused:
-        block_n, stages = 64, 3
+def mm_config(width: int, n_rows: int, form: str, fused: bool = False, *, interpreter: bool = False) -> MMConfig:
+    """Kernel shape for a tile width, packed form ("Q4_K", "IQ2_XXS/fast", ...) and N.
+    The fused gate+up variant holds two accumulators and decodes two tiles per step."""
+    block_n, block_k, warps, stages = _MM_FUSED if fused else _MM_SHAPES[form][width]
     while block_n > 64 and n_rows % block_n:
         block_n //= 2
-    num_warps = 8 if block_n * width >= 128 * 64 else 4
-    return MMConfig(block_m=width, block_n=block_n, num_warps=num_warps, num_stages=stages)
+    return MMConfig(width, block_n, block_k, warps, stages, asm=not interpreter)
 
 
-def mv_block_n(interpreter: bool) -> int:
-    """Rows per program of the decode mat-vec: 16 on the GPU (few pairs, so many small
-    programs fill the SMs); 64 under Triton's interpreter, whose cost is per program."""
-    return 64 if interpreter else 16
+def form_key(w) -> str:
+    """The policy key of a PackedTensor: its type, and its form where the type has several."""
+    return w.qtype if w.form == "planar" else f"{w.qtype}/{w.form}"
+
+
+def mv_blocks(interpreter: bool) -> tuple[int, int]:
+    """(rows per program, weights per K step) of the decode mat-vec: 16 rows on the GPU (few
+    pairs, so many small programs fill the SMs); 64 under Triton's interpreter, whose cost is per
+    program. K steps of one super-block (256)."""
+    return (64 if interpreter else 16), 256
 
 
 # --------------------------------------------------------------------------- layer plan

@@ -11,6 +11,8 @@ from functools import partial
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="time one routed-MoE layer over prefill chunk sizes and decode")
     p.add_argument("--model", default="q2", choices=["q2", "q4"], help="q2: IQ2_XXS gate/up + Q2_K down; q4: Q4_K")
+    p.add_argument("--form", default="auto", choices=["auto", "fast", "compact"],
+                   help="packed form of IQ2_XXS experts (default auto); other types have one form")
     p.add_argument("--experts", type=int, default=None, help="E (default 256; 8 on CPU)")
     p.add_argument("--topk", type=int, default=6)
     p.add_argument("--hidden", type=int, default=None, help="H (default 4096; 256 on CPU)")
@@ -73,18 +75,18 @@ def run(args) -> int:
     if args.gguf:
         from ..moe import DS4MoE
 
-        w = DS4MoE.from_gguf(args.gguf, args.layer, device=dev).weights
+        w = DS4MoE.from_gguf(args.gguf, args.layer, device=dev, form=args.form).weights
         E, H, F = w.dims
         shape = B.Shape(E=E, k=w.top_k, H=H, F=F)
         model = f"{args.gguf}:{args.layer}"
     else:
-        w = B.make_weights(args.model, shape, dev)
+        w = B.make_weights(args.model, shape, dev, form=args.form)
         model = args.model
     ceil = B.measure_ceilings() if gpu else None
     base = B.Bf16Baseline(w) if (gpu and not args.no_baseline) else None
     meta = dict(card=torch.cuda.get_device_name() if gpu else "cpu (interpreter)", torch=torch.__version__,
                 triton=triton.__version__, commit=_commit(), model=model,
-                experts=f"{w.gate.qtype}/{w.down.qtype}", E=shape.E, k=shape.k, H=shape.H, F=shape.F)
+                experts=f"{w.gate.qtype}/{w.gate.form}+{w.down.qtype}", E=shape.E, k=shape.k, H=shape.H, F=shape.F)
     if ceil:
         con.print(f"{meta['card']}: copy {ceil.copy_gbs:.0f} GB/s, f16 matmul {ceil.f16_tflops:.0f} TFLOP/s "
                   f"(measured now); torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}")

@@ -8,8 +8,9 @@ from functools import partial
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench-ops", help="per-op mul_mm_id times per type, T and width, with a bf16 baseline")
-    p.add_argument("--ops", default="IQ2_XXS:gate,Q2_K:down,Q4_K:gate,Q4_K:down",
-                   help="comma list of TYPE:gate (N=F, K=H, per-token rhs) or TYPE:down (N=H, K=F, f16 per-pair rhs)")
+    p.add_argument("--ops", default="IQ2_XXS/fast:gate,IQ2_XXS/compact:gate,Q2_K:down,Q4_K:gate,Q4_K:down",
+                   help="comma list of TYPE[/FORM]:gate (N=F, K=H, per-token rhs) or TYPE[/FORM]:down (N=H, K=F, "
+                        "f16 per-pair rhs); FORM is fast or compact (IQ2_XXS), default auto")
     p.add_argument("--tokens", default="1,32,512,2048,8192")
     p.add_argument("--widths", default="16,32,64,128")
     p.add_argument("--reps", type=int, default=10)
@@ -27,6 +28,7 @@ def run(args) -> int:
     from .. import schedule
     from ..ops.mul_mm_id import mul_mm_id_mapped
     from ..quant import random_blocks
+    from ..quant.pack import pack
 
     con = Console()
     if not torch.cuda.is_available():
@@ -36,11 +38,12 @@ def run(args) -> int:
     rows = []
     card = torch.cuda.get_device_name()
     for spec in args.ops.split(","):
-        qtype, kind = spec.split(":")
+        name, kind = spec.split(":")
+        qtype, _, form = name.partition("/")
         N, K = (sh.F, sh.H) if kind == "gate" else (sh.H, sh.F)
         g = torch.Generator(device="cuda").manual_seed(0)
-        w = random_blocks(qtype, (sh.E, N, K), g, "cuda")
-        wbf = torch.cat([B._deq_chunk(w, i, 16) for i in range(0, sh.E, 16)])
+        w = pack(random_blocks(qtype, (sh.E, N, K), g, "cuda"), form or "auto")
+        wbf = B.dequantize_bf16(w)
         for T in [int(t) for t in args.tokens.split(",")]:
             ids, _ = B.make_routing("uniform", T, sh, "cuda", seed=T)
             emap = schedule.build_expert_map(ids, sh.E)
@@ -50,13 +53,13 @@ def run(args) -> int:
             for width in [int(v) for v in args.widths.split(",")]:
                 tiles = schedule.build_tiles(emap, width)
                 ms = B.time_ms(partial(mul_mm_id_mapped, x, w, emap, tiles, out=out), reps=args.reps)
-                rows.append((qtype, kind, T, f"w={width}", ms))
+                rows.append((name, kind, T, f"w={width}", ms))
             order = emap.sorted_pairs.long()
             a = (x[order // sh.k] if kind == "gate" else x.view(T * sh.k, K)[order]).to(torch.bfloat16)
             offs = emap.offsets[1 : sh.E + 1].contiguous()
             try:
                 ms = B.time_ms(partial(torch._grouped_mm, a, wbf.transpose(-2, -1), offs=offs), reps=args.reps)
-                rows.append((qtype, kind, T, "torch-bf16 _grouped_mm", ms))
+                rows.append((name, kind, T, "torch-bf16 _grouped_mm", ms))
             except (RuntimeError, AttributeError) as ex:
                 con.print(f"[yellow]bf16 baseline failed: {ex}[/]")
         del w, wbf

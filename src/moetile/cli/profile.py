@@ -6,6 +6,8 @@ from __future__ import annotations
 def add_parser(sub) -> None:
     p = sub.add_parser("profile", help="per-stage GPU time of one layer, ds4 layer-stage-profile style")
     p.add_argument("--model", default="q2", choices=["q2", "q4"])
+    p.add_argument("--form", default="auto", choices=["auto", "fast", "compact"],
+                   help="packed form of IQ2_XXS experts (default auto)")
     p.add_argument("--tokens", type=int, default=2048, help="T")
     p.add_argument("--tile", default="auto", help="auto, ds4 or a width")
     p.add_argument("--gate-up", default="auto", choices=["auto", "fused", "split"])
@@ -28,14 +30,14 @@ def run(args) -> int:
         con.print("[yellow]moetile profile needs a CUDA GPU (stage times are CUDA events); skipped.[/]")
         return 0
     shape = B.Shape()
-    w = B.make_weights(args.model, shape, "cuda")
+    w = B.make_weights(args.model, shape, "cuda", form=args.form)
     g = torch.Generator(device="cuda").manual_seed(1)
     router = (torch.randn(shape.E, shape.H, device="cuda", generator=g) * 0.02).half()
     w = MoEWeights(w.gate, w.up, w.down, router=router,
                    bias=torch.rand(shape.E, device="cuda", generator=g) * 0.01,
                    shared_gate=random_blocks("Q8_0", (shape.F, shape.H), g, "cuda"),
                    shared_up=random_blocks("Q8_0", (shape.F, shape.H), g, "cuda"),
-                   shared_down=random_blocks("Q8_0", (shape.H, shape.F), g, "cuda"), top_k=shape.k)
+                   shared_down=random_blocks("Q8_0", (shape.H, shape.F), g, "cuda"), top_k=shape.k).packed()
     tile = int(args.tile) if args.tile.isdigit() else args.tile
     x = torch.randn(args.tokens, shape.H, device="cuda", generator=g)
     stages = B.profile_layer(w, x, reps=args.reps, tile=tile, gate_up=args.gate_up)

@@ -1,9 +1,10 @@
 """Grouped quantized expert matmul over expert-major token tiles (ds4's mul_mm_id).
 
-One program computes out^T[n0:n0+BLOCK_N, tile] = dequant(W[e][n0:n0+BLOCK_N, :]) @ rhs[tile]^T
-for one tile of up to BLOCK_M (token, slot) pairs of expert e. Weight rows sit on the MMA's M
-side and pairs on its N side, so every token width BLOCK_M in {16, 32, 64, 128} runs on the
-tensor cores. Each weight block is dequantized once per tile and reused for all BLOCK_M pairs.
+One program computes out^T[n0:n0+BLOCK_N, tile] = W[e][n0:n0+BLOCK_N, :] @ rhs[tile]^T for one
+tile of up to BLOCK_M (token, slot) pairs of expert e. Weight rows sit on the MMA's M side and
+pairs on its N side, so every token width BLOCK_M runs on the tensor cores. Each BLOCK_K step
+decodes a [BLOCK_N, BLOCK_K] weight tile from the packed planes once (kernels/decode.py) and
+reuses it for all BLOCK_M pairs; operands are f16, accumulation f32.
 
 Dimension letters: P = T*k pairs (pair p = t*k + s), N output rows, K inputs, E experts.
 """
@@ -11,15 +12,15 @@ Dimension letters: P = T*k pairs (pair p = t*k + s), N output rows, K inputs, E 
 import triton
 import triton.language as tl
 
-from .dequant import dequant_group
+from .decode import weight_tile
 
 
 @triton.jit
 def mul_mm_id_kernel(
-    w_ptr,  # uint8 [E, N, row_bytes]: GGUF blocks (gate, or the only weight)
-    w2_ptr,  # uint8 [E, N, row_bytes]: up weights when FUSE_SWIGLU, else unused
-    table_ptr,  # int32 [256]: IQ2_XXS grid as 2-bit codes (unused for other types)
-    rhs_ptr,  # [T, K] (per token) or [P, K] (per pair); f16 (any float type loads)
+    w0, w1, w2,  # planes of the weight (gate, or the only one), moetile.quant.pack order
+    u0, u1, u2,  # planes of up when FUSE_SWIGLU (else unused)
+    tables_ptr,  # int32 [384]: IQ2_XXS compact lookup words (unused by other forms)
+    rhs_ptr,  # f16 [T, K] (per token) or [P, K] (per pair)
     route_w_ptr,  # f32 [P]: route weight per pair (FUSE_SWIGLU only)
     out_ptr,  # [P, N]: f32, or f16 mid when FUSE_SWIGLU
     sorted_pairs_ptr,  # int32 [P]: pair ids, expert-major, ascending within an expert
@@ -28,17 +29,17 @@ def mul_mm_id_kernel(
     tile_row_ptr,  # int32 [n_tiles]: first row of the tile within its expert's run
     N,
     K,
-    row_bytes,
-    expert_bytes,
     rhs_stride,
     TOPK,
     NUM_EXPERTS,
-    QTYPE: tl.constexpr,
+    FORM: tl.constexpr,
+    ASM: tl.constexpr,
     RHS_PER_PAIR: tl.constexpr,
     FUSE_SWIGLU: tl.constexpr,
     CLAMP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -66,25 +67,20 @@ def mul_mm_id_kernel(
         rhs_row = pair
     else:
         rhs_row = pair // TOPK
-    rhs_base = rhs_ptr + rhs_row[None, :] * rhs_stride  # [1, BLOCK_M]
-    n_safe = tl.minimum(n, N - 1).to(tl.int64)
-    row_ptr = w_ptr + e.to(tl.int64) * expert_bytes + n_safe * row_bytes  # [BLOCK_N]
-    if FUSE_SWIGLU:
-        row2_ptr = w2_ptr + e.to(tl.int64) * expert_bytes + n_safe * row_bytes
-    kk = tl.arange(0, 32)
+    kk = tl.arange(0, BLOCK_K)
+    x_ptrs = rhs_ptr + rhs_row[None, :] * rhs_stride + kk[:, None]  # [BLOCK_K, BLOCK_M]
+    r = e.to(tl.int64) * N + tl.minimum(n, N - 1)  # row of each weight row in the planes
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for it in range(0, K // 32):
-        kb = it // 8
-        g = it % 8
-        x = tl.load(rhs_base + (it * 32 + kk)[:, None], mask=m_ok[None, :], other=0.0)
-        x = x.to(tl.float16)  # [32, BLOCK_M]
-        w = dequant_group(row_ptr, kb, g, QTYPE, table_ptr, BLOCK_N).to(tl.float16)  # [BLOCK_N, 32]
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
+        w = weight_tile(w0, w1, w2, tables_ptr, r, k0, K, FORM, True, ASM, BLOCK_N, BLOCK_K)
         acc = tl.dot(w, x, acc)
         if FUSE_SWIGLU:
-            w2 = dequant_group(row2_ptr, kb, g, QTYPE, table_ptr, BLOCK_N).to(tl.float16)
-            acc2 = tl.dot(w2, x, acc2)
+            w2t = weight_tile(u0, u1, u2, tables_ptr, r, k0, K, FORM, True, ASM, BLOCK_N, BLOCK_K)
+            acc2 = tl.dot(w2t, x, acc2)
+        x_ptrs += BLOCK_K
 
     if FUSE_SWIGLU:
         # ds4 order: gate clamped above only, up clamped both ways, route weight before down

@@ -39,18 +39,47 @@ def _warn_fallback(op: str) -> None:
 
 
 @functools.cache
-def _iq2_codes(device: str) -> torch.Tensor:
+def _iq2_tables(device: str) -> torch.Tensor:
+    """int32 [384] for the IQ2_XXS compact decoder: 256 grid words (nibble j = class 0/1/2 of grid
+    value j: 8/25/43), then 128 sign words (bit 4j+2 = sign of weight j, from gguf's KSIGNS)."""
     from ..quant import iq2_xxs
 
-    grid = iq2_xxs.grid_u8().to(torch.int32)  # [256, 8], values 8 / 25 / 43
-    code = (grid == 25).to(torch.int32) + 2 * (grid == 43).to(torch.int32)
+    grid = iq2_xxs.grid_u8().to(torch.int64)  # [256, 8]
     if not bool(((grid == 8) | (grid == 25) | (grid == 43)).all()):
         raise RuntimeError("IQ2_XXS grid holds values other than 8, 25, 43")
-    shifts = 2 * torch.arange(8, dtype=torch.int32)
-    return (code << shifts).sum(1).to(torch.int32).to(device).contiguous()  # [256]
+    cls = (grid == 25).to(torch.int64) + 2 * (grid == 43).to(torch.int64)
+    j = torch.arange(8, dtype=torch.int64)
+    gw = (cls << (4 * j)).sum(1)
+    neg = (iq2_xxs.ksigns().to(torch.int64)[:, None] >> j) & 1  # [128, 8]
+    sw = (neg << (4 * j + 2)).sum(1)
+    words = torch.cat([gw, sw])
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).to(device)
 
 
-def table_for(qtype: str, device: torch.device) -> torch.Tensor | None:
-    """The lookup table a kernel needs for ``qtype`` on ``device`` (IQ2_XXS: int32 [256] grid
-    codes, 2 bits per weight), or None."""
-    return _iq2_codes(str(device)) if qtype == "IQ2_XXS" else None
+_FORM_IDS = {("Q4_K", "planar"): 12, ("Q2_K", "planar"): 10, ("IQ2_XXS", "fast"): 16,
+             ("IQ2_XXS", "compact"): 17, ("Q8_0", "planar"): 8}
+# the word type each form's code plane is read as (kernels/decode.py)
+_CODE_WORDS = {("Q4_K", "planar"): torch.int32, ("Q2_K", "planar"): torch.int16,
+               ("IQ2_XXS", "fast"): torch.int32, ("Q8_0", "planar"): torch.int32}
+
+
+def form_id(w) -> int:
+    """The constexpr FORM of a PackedTensor's form."""
+    return _FORM_IDS[(w.qtype, w.form)]
+
+
+def kernel_planes(w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A PackedTensor's planes as the kernels read them (code planes viewed as words; a form with
+    two planes repeats its last as an unused third)."""
+    planes = [w.planes[name] for name in w.plane_order]
+    word = _CODE_WORDS.get((w.qtype, w.form))
+    if word is not None:
+        planes[0] = planes[0].view(word)
+    while len(planes) < 3:
+        planes.append(planes[-1])
+    return tuple(planes)
+
+
+def tables_for(w, device: torch.device) -> torch.Tensor | None:
+    """The lookup table a kernel needs for the PackedTensor ``w`` on ``device``, or None."""
+    return _iq2_tables(str(device)) if (w.qtype, w.form) == ("IQ2_XXS", "compact") else None

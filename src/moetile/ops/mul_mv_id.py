@@ -1,4 +1,4 @@
-"""``mul_mv_id``: decode-path mat-vec over the selected experts, float32 activations.
+"""``mul_mv_id``: decode-path mat-vec over the selected experts, float32 weights and activations.
 
 Letters: T tokens, k slots, P = T*k pairs, E experts, N output rows, K inputs.
 """
@@ -10,57 +10,95 @@ import torch
 from .. import schedule
 from ..kernels.mv_id import mul_mv_id_kernel
 from ..quant import QuantTensor
-from ._launch import interpreted, table_for
-from .mul_mm_id import QTYPE_IDS
+from ..quant.pack import PackedTensor, packed
+from ..reference import mul_mm_id_ref, swiglu_ref
+from ._checks import check_ids_in_range, check_inputs, check_out, ids_int32
+from ._launch import form_id, interpreted, kernel_planes, tables_for, use_kernel
 
 
 def mul_mv_id(
     rhs: torch.Tensor,
-    w: QuantTensor,
+    w: QuantTensor | PackedTensor,
     topk_ids: torch.Tensor,
     *,
-    out: torch.Tensor,
-    w_up: QuantTensor | None = None,
+    out: torch.Tensor | None = None,
+    w_up: QuantTensor | PackedTensor | None = None,
     route_weights: torch.Tensor | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
-    """out [P, N] f32 = dequant(w[ids[p]]) @ rhs_row(p), all float32.
+    """out f32 [T, k, N] = W[topk_ids[t, s]] @ rhs_row(t, s), with the exact float32 weights.
 
-    rhs: [T, K] (per token) or [T, k, K] (per pair). With ``w_up`` (and ``route_weights`` f32
-    [P]) the fused gate+up variant writes mid = silu(min(g, 10)) * clamp(u, -10, 10) * w.
-    Ids outside [0, E) give NaN rows and read nothing. Inputs are assumed checked by the caller.
+    rhs: [T, K] (per token) or [T, k, K] (per pair), float32/float16/bfloat16 (read as float32).
+    With ``w_up`` (same type, form and shape as ``w``) and ``route_weights`` f32 [T, k] the fused
+    gate+up variant writes mid = silu(min(g, 10)) * clamp(u, -10, 10) * route_weight.
+    ``validate`` checks every id is in [0, E) (one host sync); without it a pair with a bad id gets
+    a NaN row and nothing is read for it. Shapes, strides, dtypes and devices are always checked.
     """
+    T, k, E, N, K = check_inputs("mul_mv_id", rhs, w, topk_ids)
+    w = packed(w)
+    out = check_out(out, (T, k, N), rhs.device)
+    fused = w_up is not None
+    if fused:
+        if not isinstance(w_up, (QuantTensor, PackedTensor)) or tuple(w_up.shape) != tuple(w.shape):
+            raise ValueError(f"mul_mv_id: w_up must be a quantized (E, N, K) = {w.shape} tensor, got {w_up!r}")
+        w_up = packed(w_up, w.form if w.qtype == "IQ2_XXS" else "auto")
+        if (w_up.qtype, w_up.form) != (w.qtype, w.form):
+            raise ValueError(f"mul_mv_id: w_up ({w_up.qtype}/{w_up.form}) must match w ({w.qtype}/{w.form})")
+        rw = route_weights
+        if not isinstance(rw, torch.Tensor) or tuple(rw.shape) != (T, k) or not rw.is_floating_point():
+            raise ValueError(f"mul_mv_id: route_weights must be a float tensor [T, k] = ({T}, {k}) with w_up")
+        if rw.device != rhs.device:
+            raise ValueError(f"mul_mv_id: route_weights is on {rw.device}, rhs on {rhs.device}")
+    elif route_weights is not None:
+        raise ValueError("mul_mv_id: route_weights is only used with w_up")
+    if validate:
+        check_ids_in_range(topk_ids, E)
+    if T == 0:
+        return out
+    if not use_kernel(rhs.device, "mul_mv_id"):
+        y = mul_mm_id_ref(rhs, w, topk_ids)
+        if fused:
+            y = swiglu_ref(y, mul_mm_id_ref(rhs, w_up, topk_ids), route_weights.double()[:, :, None])
+        return out.copy_(y)
+    rw = route_weights.reshape(-1).to(torch.float32).contiguous() if fused else None
+    launch_mv(rhs, w, ids_int32(topk_ids, E), k, out.view(T * k, N), w_up=w_up, route_weights=rw)
+    return out
+
+
+def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int, out: torch.Tensor, *,
+              w_up: PackedTensor | None = None, route_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch over checked inputs: rhs [T, K] or [T, k, K] contiguous, ids int32 [P] (bad ids
+    already -1), out f32 [P, N] contiguous, route_weights f32 [P] when fused."""
     E, N, K = w.shape
-    T, k = topk_ids.shape
-    P = T * k
+    P = ids.numel()
     if P == 0:
         return out
     per_pair = rhs.dim() == 3
     rhs2 = rhs.reshape(-1, K)
-    ids = topk_ids.reshape(-1).to(torch.int32)
     fused = w_up is not None
-    table = table_for(w.qtype, w.device)
-    block_n = schedule.mv_block_n(interpreted())
+    planes = kernel_planes(w)
+    table = tables_for(w, w.device)
+    block_n, block_k = schedule.mv_blocks(interpreted())
     grid = (-(-N // block_n), P)
     mul_mv_id_kernel[grid](
-        w.data,
-        w_up.data if fused else w.data,
-        table if table is not None else w.data,
+        *planes,
+        *(kernel_planes(w_up) if fused else planes),
+        table if table is not None else planes[0],
         rhs2,
         ids,
-        route_weights if fused else ids,
+        route_weights if fused else out,
         out,
         N,
         K,
-        w.row_bytes,
-        N * w.row_bytes,
         rhs2.stride(0),
-        k,
+        top_k,
         E,
-        QTYPE=QTYPE_IDS[w.qtype],
+        FORM=form_id(w),
         RHS_PER_PAIR=per_pair,
         FUSE_SWIGLU=fused,
         CLAMP=10.0,
         BLOCK_N=block_n,
+        BLOCK_K=block_k,
         num_warps=2,
     )
     return out
