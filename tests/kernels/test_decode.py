@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moetile.kernels.decode import weight_tile
+from moetile.kernels.decode import join4, join8, weight_tile
 from moetile.ops._launch import form_id, kernel_planes, tables_for
 from moetile.quant import QuantTensor
 from moetile.quant.pack import pack
@@ -32,6 +32,26 @@ def _tiles_kernel(p0, p1, p2, tables_ptr, out_ptr, N, K, FORM: tl.constexpr, F16
     for k0 in range(0, K, BK):
         w = weight_tile(p0, p1, p2, tables_ptr, r, k0, K, FORM, F16, ASM, BN, BK)
         tl.store(out_ptr + r[:, None] * K + (k0 + kk)[None, :], w, mask=(n < N)[:, None])
+
+
+@triton.jit
+def _join_kernel(out8_ptr, out4_ptr):
+    i = (tl.arange(0, 2)[:, None, None] * 8 + tl.arange(0, 2)[None, :, None] * 4
+         + tl.arange(0, 4)[None, None, :])  # [2, 2, 4] word index
+    w = join8(8 * i, 8 * i + 1, 8 * i + 2, 8 * i + 3, 8 * i + 4, 8 * i + 5, 8 * i + 6, 8 * i + 7)
+    tl.store(out8_ptr + tl.arange(0, 128), w.reshape(128))
+    v = join4(4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3)
+    tl.store(out4_ptr + tl.arange(0, 64), v.reshape(64))
+
+
+def test_join_puts_weights_in_k_order(device):
+    """The PTX decoders return weight j of each word as the j-th output; join8/join4 must lay
+    them out in K order (tl.join appends its new axis last)."""
+    o8 = torch.full((128,), -1, dtype=torch.int32, device=device)
+    o4 = torch.full((64,), -1, dtype=torch.int32, device=device)
+    _join_kernel[(1,)](o8, o4)
+    assert o8.cpu().tolist() == list(range(128))
+    assert o4.cpu().tolist() == list(range(64))
 
 
 def decode_all(p, f16: bool, asm: bool, bk: int = 256) -> torch.Tensor:

@@ -1,12 +1,19 @@
 """In-kernel decoding of packed weight tiles (moetile.quant.pack forms), no policy.
 
-``weight_tile(..., F16=True)`` returns f16 [BN, BK]: the weights k0..k0+BK-1 of the rows ``r``
-(int64 [BN], row index e*N + n into the planes) rounded to f16 exactly as ``f16(qt.dequantize())``
-rounds them, for the tensor-core kernels; ``F16=False`` returns the exact float32 weights (mat-vec).
+A weight tile is read in steps so a kernel can prefetch the scales of the next K step into
+registers while it decodes this one (the codes are pipelined through shared memory by Triton):
+``load_codes`` and ``load_scales`` issue the loads of the weights k0..k0+BK-1 of the rows ``r``
+(int64 [BN], row index e*N + n into the planes); ``decode_raw(..., F16=True)`` turns them into
+f16 [BN, BK] rounded exactly as
+``f16(qt.dequantize())`` rounds them (tensor-core kernels), ``F16=False`` into the exact float32
+weights (mat-vec). ``weight_tile`` does both.
 
-Tiles are 3-D, [BN, G, W]: G scale groups of the step, W code words per group (a word holds 8
-weights, 4 for Q8_0, in K order), so each scale is loaded once per (row, group) in the layout
-that uses it and the codes with 8- or 16-byte vectors.
+Raw tiles are 3-D, [BN, G, W]: G scale groups of the step, W code words per group (a word holds 8
+weights, 4 for Q8_0, in K order), so each scale is loaded once per (row, group) in the layout that
+uses it and the codes with 8- or 16-byte vectors. The planes come in word views
+(ops/_launch.kernel_planes): Q4_K (codes i32, scales i16 = sc | m << 8, dd i32 = d | dmin << 16),
+Q2_K (codes i16, scales u8, dd i32), IQ2_XXS fast (codes i32, scales u8, d f16), IQ2_XXS compact
+(grid u8, signs i32, d f16), Q8_0 (codes i32, d f16).
 
 Each f16 decoder exists twice: ``ASM=True`` decodes several weights per instruction through
 ``tl.inline_asm_elementwise`` (GPU only: the interpreter cannot run PTX), ``ASM=False`` is its
@@ -174,139 +181,156 @@ def _iq2_value(code, sc8, d):
 
 
 @triton.jit
-def _join8(w0, w1, w2, w3, w4, w5, w6, w7):
-    """Eight [BN, G, W] tensors (weight j of each word) -> [BN, G, W, 8] in K order."""
-    return tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
+def join8(w0, w1, w2, w3, w4, w5, w6, w7):
+    """Eight [BN, G, W] tensors (weight j of each word) -> [BN, G, W, 8] in K order. tl.join appends
+    its new axis last, so the finest pairing (even, odd) is the outermost join."""
+    return tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
 
 
-# --------------------------------------------------------------------------- per-form tiles
+@triton.jit
+def join4(w0, w1, w2, w3):
+    """Four [BN, G, W] tensors (weight j of each word) -> [BN, G, W, 4] in K order."""
+    return tl.join(tl.join(w0, w2), tl.join(w1, w3))
+
+
+@triton.jit
+def _lo16_f16(v):
+    """The low 16 bits of an i32 tensor as f16 (bit copy)."""
+    return v.to(tl.int16).to(tl.float16, bitcast=True)
+
+
 @triton.jit
 def _rows3(r):
     return r[:, None, None]
 
 
+# --------------------------------------------------------------------------- raw loads per form
 @triton.jit
-def _q4_k(codes_ptr, scales_ptr, dd_ptr, r, k0, K, F16: tl.constexpr, ASM: tl.constexpr,
-          BN: tl.constexpr, BK: tl.constexpr):
-    # codes: i32 words [K/8] per row; scales u8 [K/32, 2] (sc, m); dd f16 [K/256, 2] (d, dmin)
-    G: tl.constexpr = BK // 32
-    g = tl.arange(0, G)[None, :, None]
-    c = tl.load(codes_ptr + _rows3(r) * (K // 8) + (k0 // 8 + 4 * g) + tl.arange(0, 4)[None, None, :])
-    dp = dd_ptr + _rows3(r) * (K // 128) + (k0 // 256) * 2  # [BN, 1, 1]
-    sp = scales_ptr + _rows3(r) * (K // 16) + (k0 // 16 + 2 * g)  # [BN, G, 1]
-    s = tl.load(dp).to(tl.float32) * tl.load(sp).to(tl.float32)  # d*sc, exact
-    nm = -(tl.load(dp + 1).to(tl.float32) * tl.load(sp + 1).to(tl.float32))  # -dmin*m, exact
+def load_codes(p0, r, k0, K, FORM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """The code words of K step k0 of rows ``r``: [BN, G, W] in each form's word view."""
+    rr = _rows3(r)
+    if FORM == 10:  # Q2_K: groups of 16 = 2 half-words
+        g = tl.arange(0, BK // 16)[None, :, None]
+        c = tl.load(p0 + rr * (K // 8) + (k0 // 8 + 2 * g) + tl.arange(0, 2)[None, None, :])
+    elif FORM == 8:  # Q8_0: groups of 32 = 8 words
+        g = tl.arange(0, BK // 32)[None, :, None]
+        c = tl.load(p0 + rr * (K // 4) + (k0 // 4 + 8 * g) + tl.arange(0, 8)[None, None, :])
+    else:  # Q4_K, IQ2_XXS fast (i32 words), IQ2_XXS compact (u8 grid indices): groups of 32 = 4
+        g = tl.arange(0, BK // 32)[None, :, None]
+        c = tl.load(p0 + rr * (K // 8) + (k0 // 8 + 4 * g) + tl.arange(0, 4)[None, None, :])
+    return c
+
+
+@triton.jit
+def load_scales(p1, p2, r, k0, K, FORM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """The scales of K step k0 of rows ``r``: (per group [BN, G, 1], per row [BN, 1, 1])."""
+    rr = _rows3(r)
+    if FORM == 12:  # Q4_K: i16 sc | m << 8 per 32, i32 d | dmin << 16 per 256
+        g = tl.arange(0, BK // 32)[None, :, None]
+        a = tl.load(p1 + rr * (K // 32) + (k0 // 32 + g))
+        b = tl.load(p2 + rr * (K // 256) + k0 // 256)
+    elif FORM == 10:  # Q2_K: u8 sc | m << 4 per 16, i32 d | dmin << 16 per 256
+        g = tl.arange(0, BK // 16)[None, :, None]
+        a = tl.load(p1 + rr * (K // 16) + (k0 // 16 + g))
+        b = tl.load(p2 + rr * (K // 256) + k0 // 256)
+    elif FORM == 16:  # IQ2_XXS fast: u8 holding s of two groups, f16 d per 256
+        g = tl.arange(0, BK // 32)[None, :, None]
+        a = tl.load(p1 + rr * (K // 64) + (k0 // 64 + g // 2))
+        b = tl.load(p2 + rr * (K // 256) + k0 // 256)
+    elif FORM == 17:  # IQ2_XXS compact: i32 GGUF sign word per 32, f16 d per 256
+        g = tl.arange(0, BK // 32)[None, :, None]
+        a = tl.load(p1 + rr * (K // 32) + (k0 // 32 + g))
+        b = tl.load(p2 + rr * (K // 256) + k0 // 256)
+    else:  # Q8_0: f16 d per 32
+        g = tl.arange(0, BK // 32)[None, :, None]
+        a = tl.load(p1 + rr * (K // 32) + (k0 // 32 + g))
+        b = a
+    return a, b
+
+
+# --------------------------------------------------------------------------- decode per form
+@triton.jit
+def _affine(c, s, nm, BITS: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr,
+            G: tl.constexpr, W: tl.constexpr):
+    """K-quant weights s*q + nm (s = d*sc, nm = -dmin*m, f32 [BN, G, 1]) of the BITS-bit codes c
+    [BN, G, W]: [BN, G, W, 8], f16 or f32."""
     if F16 and ASM:
-        sb, nb = tl.broadcast_to(s, (BN, G, 4)), tl.broadcast_to(nm, (BN, G, 4))
-        w0, w1, w2, w3, w4, w5, w6, w7 = _asm_u4_word(c, sb, nb)
-        w = _join8(w0, w1, w2, w3, w4, w5, w6, w7)
+        sb, nb = tl.broadcast_to(s, (BN, G, W)), tl.broadcast_to(nm, (BN, G, W))
+        if BITS == 4:
+            w0, w1, w2, w3, w4, w5, w6, w7 = _asm_u4_word(c, sb, nb)
+        else:
+            w0, w1, w2, w3, w4, w5, w6, w7 = _asm_u2_half(c, sb, nb)
+        w = join8(w0, w1, w2, w3, w4, w5, w6, w7)
     else:
-        w = s[:, :, :, None] * _fields(c, 4, 8).to(tl.float32) + nm[:, :, :, None]
+        w = s[:, :, :, None] * _fields(c, BITS, 8).to(tl.float32) + nm[:, :, :, None]
         if F16:
             w = w.to(tl.float16)
-    return w.reshape(BN, BK)
+    return w
 
 
 @triton.jit
-def _q2_k(codes_ptr, scales_ptr, dd_ptr, r, k0, K, F16: tl.constexpr, ASM: tl.constexpr,
-          BN: tl.constexpr, BK: tl.constexpr):
-    # codes: i16 [K/8] per row (8 weights each); scales u8 [K/16]: sc | m << 4; dd f16 [K/256, 2]
-    G: tl.constexpr = BK // 16
-    g = tl.arange(0, G)[None, :, None]
-    c = tl.load(codes_ptr + _rows3(r) * (K // 8) + (k0 // 8 + 2 * g) + tl.arange(0, 2)[None, None, :])
-    dp = dd_ptr + _rows3(r) * (K // 128) + (k0 // 256) * 2
-    sm = tl.load(scales_ptr + _rows3(r) * (K // 16) + (k0 // 16 + g)).to(tl.int32)  # [BN, G, 1]
-    s = tl.load(dp).to(tl.float32) * (sm & 15).to(tl.float32)
-    nm = -(tl.load(dp + 1).to(tl.float32) * (sm >> 4).to(tl.float32))
-    if F16 and ASM:
-        sb, nb = tl.broadcast_to(s, (BN, G, 2)), tl.broadcast_to(nm, (BN, G, 2))
-        w0, w1, w2, w3, w4, w5, w6, w7 = _asm_u2_half(c, sb, nb)
-        w = _join8(w0, w1, w2, w3, w4, w5, w6, w7)
-    else:
-        w = s[:, :, :, None] * _fields(c, 2, 8).to(tl.float32) + nm[:, :, :, None]
-        if F16:
-            w = w.to(tl.float16)
-    return w.reshape(BN, BK)
-
-
-@triton.jit
-def _iq2_words(sel, sc8, d, F16: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Weights of IQ2_XXS code words sel i32 [BN, G, 4] with (2s+1)/8 sc8 [BN, G, 1] and d [BN, 1, 1] (f32)."""
-    G: tl.constexpr = BK // 32
+def _iq2_words(sel, sc8, d, F16: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr):
+    """Weights [BN, G, 4, 8] of IQ2_XXS code words sel i32 [BN, G, 4], (2s+1)/8 sc8 [BN, G, 1] and
+    d [BN, 1, 1] (f32)."""
     if F16 and ASM:
         sb = tl.broadcast_to(sc8.to(tl.float16), (BN, G, 4))
         db = tl.broadcast_to(d.to(tl.float16), (BN, G, 4))
         w0, w1, w2, w3, w4, w5, w6, w7 = _asm_iq2_word(sel, sb, db)
-        w = _join8(w0, w1, w2, w3, w4, w5, w6, w7)
+        w = join8(w0, w1, w2, w3, w4, w5, w6, w7)
     else:
         w = _iq2_value(_fields(sel, 4, 8), sc8[:, :, :, None], d[:, :, :, None])
         if F16:
             w = w.to(tl.float16)
-    return w.reshape(BN, BK)
+    return w
 
 
 @triton.jit
-def _iq2_fast(codes_ptr, scales_ptr, d_ptr, r, k0, K, F16: tl.constexpr, ASM: tl.constexpr,
-              BN: tl.constexpr, BK: tl.constexpr):
-    # codes: i32 words [K/8] per row (nibble c | neg << 2); scales u8 [K/64]: s(2i) | s(2i+1) << 4; d f16 [K/256]
-    G: tl.constexpr = BK // 32
-    g = tl.arange(0, G)[None, :, None]
-    c = tl.load(codes_ptr + _rows3(r) * (K // 8) + (k0 // 8 + 4 * g) + tl.arange(0, 4)[None, None, :])
-    sb = tl.load(scales_ptr + _rows3(r) * (K // 64) + (k0 // 64 + g // 2)).to(tl.int32)  # [BN, G, 1]
-    sc8 = (2 * ((sb >> (4 * (g % 2))) & 15) + 1).to(tl.float32) * 0.125  # (2s+1)/8, exact
-    d = tl.load(d_ptr + _rows3(r) * (K // 256) + k0 // 256).to(tl.float32)  # [BN, 1, 1]
-    return _iq2_words(c, sc8, d, F16, ASM, BN, BK)
-
-
-@triton.jit
-def _iq2_compact(grid_ptr, signs_ptr, d_ptr, tables_ptr, r, k0, K, F16: tl.constexpr, ASM: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr):
-    # grid u8 [K/8] per row; signs i32 [K/32] (GGUF's word); d f16 [K/256]. tables_ptr: int32 [384]:
-    # 256 grid words (nibble j = class c of grid value j), then 128 sign words (bit 4j+2 = sign of
-    # weight j, the parity bit included): one OR of two lookups gives the fast form's code word.
-    G: tl.constexpr = BK // 32
-    g = tl.arange(0, G)[None, :, None]
-    v = tl.arange(0, 4)[None, None, :]
-    gidx = tl.load(grid_ptr + _rows3(r) * (K // 8) + (k0 // 8 + 4 * g) + v).to(tl.int32)  # [BN, G, 4]
-    word = tl.load(signs_ptr + _rows3(r) * (K // 32) + (k0 // 32 + g))  # [BN, G, 1]
-    sel = tl.load(tables_ptr + gidx) | tl.load(tables_ptr + 256 + ((word >> (7 * v)) & 127))
-    sc8 = (2 * ((word >> 28) & 15) + 1).to(tl.float32) * 0.125
-    d = tl.load(d_ptr + _rows3(r) * (K // 256) + k0 // 256).to(tl.float32)
-    return _iq2_words(sel, sc8, d, F16, ASM, BN, BK)
-
-
-@triton.jit
-def _q8_0(codes_ptr, d_ptr, r, k0, K, F16: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # codes: i32 words [K/4] per row (four int8 each); d f16 [K/32]
-    G: tl.constexpr = BK // 32
-    g = tl.arange(0, G)[None, :, None]
-    c = tl.load(codes_ptr + _rows3(r) * (K // 4) + (k0 // 4 + 8 * g) + tl.arange(0, 8)[None, None, :])
-    d = tl.load(d_ptr + _rows3(r) * (K // 32) + (k0 // 32 + g))  # f16 [BN, G, 1]
-    if F16 and ASM:
-        o0, o1, o2, o3 = _asm_i8_word(c, tl.broadcast_to(d, (BN, G, 8)))
-        w = tl.join(tl.join(o0, o1), tl.join(o2, o3))
-    else:
-        q = (_fields(c, 8, 4) ^ 128) - 128  # signed bytes
-        w = q.to(tl.float32) * d.to(tl.float32)[:, :, :, None]
-        if F16:
-            w = w.to(tl.float16)
+def decode_raw(c, a, b, tables_ptr, FORM: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
+               BN: tl.constexpr, BK: tl.constexpr):
+    """Weights [BN, BK] of one K step from ``load_codes`` and ``load_scales``: f16 rounded as f16(dequantize())
+    when F16, else the exact float32 values. tables_ptr: IQ2_XXS compact lookup words."""
+    if FORM == 12:  # a: i16 sc | m << 8, b: i32 d | dmin << 16 (f16 bits)
+        d = _lo16_f16(b).to(tl.float32)
+        dmin = _lo16_f16(b >> 16).to(tl.float32)
+        a = a.to(tl.int32)
+        s = d * (a & 255).to(tl.float32)  # d*sc, exact
+        # -dmin*m, exact; a product with -1 flips the sign of a zero too (tl's unary minus is 0 - x)
+        nm = dmin * ((a >> 8) & 255).to(tl.float32) * -1.0
+        w = _affine(c, s, nm, 4, F16, ASM, BN, BK // 32, 4)
+    elif FORM == 10:  # a: u8 sc | m << 4, b: i32 d | dmin << 16
+        d = _lo16_f16(b).to(tl.float32)
+        dmin = _lo16_f16(b >> 16).to(tl.float32)
+        a = a.to(tl.int32)
+        s = d * (a & 15).to(tl.float32)
+        nm = dmin * (a >> 4).to(tl.float32) * -1.0
+        w = _affine(c, s, nm, 2, F16, ASM, BN, BK // 16, 2)
+    elif FORM == 16:  # a: u8 s(2i) | s(2i+1) << 4 (read once per group), b: f16 d
+        g = tl.arange(0, BK // 32)[None, :, None]
+        sc8 = (2 * ((a.to(tl.int32) >> (4 * (g % 2))) & 15) + 1).to(tl.float32) * 0.125  # (2s+1)/8, exact
+        w = _iq2_words(c, sc8, b.to(tl.float32), F16, ASM, BN, BK // 32)
+    elif FORM == 17:  # c: u8 grid index, a: i32 GGUF sign word, b: f16 d
+        # tables_ptr: int32 [384]: 256 grid words (nibble j = class c of grid value j), then 128
+        # sign words (bit 4j+2 = sign of weight j, the parity bit included): one OR of two
+        # lookups gives the fast form's code word
+        v = tl.arange(0, 4)[None, None, :]
+        sel = tl.load(tables_ptr + c.to(tl.int32)) | tl.load(tables_ptr + 256 + ((a >> (7 * v)) & 127))
+        sc8 = (2 * ((a >> 28) & 15) + 1).to(tl.float32) * 0.125
+        w = _iq2_words(sel, sc8, b.to(tl.float32), F16, ASM, BN, BK // 32)
+    else:  # Q8_0, a: f16 d per group
+        if F16 and ASM:
+            o0, o1, o2, o3 = _asm_i8_word(c, tl.broadcast_to(a, (BN, BK // 32, 8)))
+            w = join4(o0, o1, o2, o3)
+        else:
+            q = (_fields(c, 8, 4) ^ 128) - 128  # signed bytes
+            w = q.to(tl.float32) * a.to(tl.float32)[:, :, :, None]
+            if F16:
+                w = w.to(tl.float16)
     return w.reshape(BN, BK)
 
 
 @triton.jit
 def weight_tile(p0, p1, p2, tables_ptr, r, k0, K, FORM: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
                 BN: tl.constexpr, BK: tl.constexpr):
-    """Weights k0..k0+BK-1 of rows ``r`` (int64 [BN]): f16 [BN, BK] rounded as f16(dequantize())
-    when F16, else the exact float32 values. p0..p2: the form's planes in moetile.quant.pack order,
-    code planes viewed as words (see ops/_launch.kernel_planes)."""
-    if FORM == 12:
-        w = _q4_k(p0, p1, p2, r, k0, K, F16, ASM, BN, BK)
-    elif FORM == 10:
-        w = _q2_k(p0, p1, p2, r, k0, K, F16, ASM, BN, BK)
-    elif FORM == 16:
-        w = _iq2_fast(p0, p1, p2, r, k0, K, F16, ASM, BN, BK)
-    elif FORM == 17:
-        w = _iq2_compact(p0, p1, p2, tables_ptr, r, k0, K, F16, ASM, BN, BK)
-    else:
-        w = _q8_0(p0, p1, r, k0, K, F16, ASM, BN, BK)
-    return w
+    """Weights k0..k0+BK-1 of rows ``r`` (int64 [BN]), loaded and decoded in one go."""
+    a, b = load_scales(p1, p2, r, k0, K, FORM, BN, BK)
+    return decode_raw(load_codes(p0, r, k0, K, FORM, BN, BK), a, b, tables_ptr, FORM, F16, ASM, BN, BK)

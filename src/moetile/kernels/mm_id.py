@@ -4,7 +4,9 @@ One program computes out^T[n0:n0+BLOCK_N, tile] = W[e][n0:n0+BLOCK_N, :] @ rhs[t
 tile of up to BLOCK_M (token, slot) pairs of expert e. Weight rows sit on the MMA's M side and
 pairs on its N side, so every token width BLOCK_M runs on the tensor cores. Each BLOCK_K step
 decodes a [BLOCK_N, BLOCK_K] weight tile from the packed planes once (kernels/decode.py) and
-reuses it for all BLOCK_M pairs; operands are f16, accumulation f32.
+reuses it for all BLOCK_M pairs; operands are f16, accumulation f32. The scale loads of the next
+step are issued before this step decodes (register prefetch), so their latency hides behind the
+decode and the MMA; codes and activations are pipelined through shared memory by Triton.
 
 Dimension letters: P = T*k pairs (pair p = t*k + s), N output rows, K inputs, E experts.
 """
@@ -12,7 +14,7 @@ Dimension letters: P = T*k pairs (pair p = t*k + s), N output rows, K inputs, E 
 import triton
 import triton.language as tl
 
-from .decode import weight_tile
+from .decode import decode_raw, load_codes, load_scales
 
 
 @triton.jit
@@ -73,13 +75,22 @@ def mul_mm_id_kernel(
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    a, b = load_scales(w1, w2, r, 0, K, FORM, BLOCK_N, BLOCK_K)
+    ua, ub = a, b
+    if FUSE_SWIGLU:
+        ua, ub = load_scales(u1, u2, r, 0, K, FORM, BLOCK_N, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
+        kn = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)  # the last step reloads its own scales, unused
+        na, nb = load_scales(w1, w2, r, kn, K, FORM, BLOCK_N, BLOCK_K)
+        c = load_codes(w0, r, k0, K, FORM, BLOCK_N, BLOCK_K)
         x = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
-        w = weight_tile(w0, w1, w2, tables_ptr, r, k0, K, FORM, True, ASM, BLOCK_N, BLOCK_K)
-        acc = tl.dot(w, x, acc)
+        acc = tl.dot(decode_raw(c, a, b, tables_ptr, FORM, True, ASM, BLOCK_N, BLOCK_K), x, acc)
+        a, b = na, nb
         if FUSE_SWIGLU:
-            w2t = weight_tile(u0, u1, u2, tables_ptr, r, k0, K, FORM, True, ASM, BLOCK_N, BLOCK_K)
-            acc2 = tl.dot(w2t, x, acc2)
+            nua, nub = load_scales(u1, u2, r, kn, K, FORM, BLOCK_N, BLOCK_K)
+            uc = load_codes(u0, r, k0, K, FORM, BLOCK_N, BLOCK_K)
+            acc2 = tl.dot(decode_raw(uc, ua, ub, tables_ptr, FORM, True, ASM, BLOCK_N, BLOCK_K), x, acc2)
+            ua, ub = nua, nub
         x_ptrs += BLOCK_K
 
     if FUSE_SWIGLU:

@@ -58,9 +58,12 @@ def _iq2_tables(device: str) -> torch.Tensor:
 
 _FORM_IDS = {("Q4_K", "planar"): 12, ("Q2_K", "planar"): 10, ("IQ2_XXS", "fast"): 16,
              ("IQ2_XXS", "compact"): 17, ("Q8_0", "planar"): 8}
-# the word type each form's code plane is read as (kernels/decode.py)
-_CODE_WORDS = {("Q4_K", "planar"): torch.int32, ("Q2_K", "planar"): torch.int16,
-               ("IQ2_XXS", "fast"): torch.int32, ("Q8_0", "planar"): torch.int32}
+# the word type each plane is read as (kernels/decode.py); None: as stored
+_WORDS = {("Q4_K", "planar"): (torch.int32, torch.int16, torch.int32),
+          ("Q2_K", "planar"): (torch.int16, None, torch.int32),
+          ("IQ2_XXS", "fast"): (torch.int32, None, None),
+          ("IQ2_XXS", "compact"): (None, None, None),
+          ("Q8_0", "planar"): (torch.int32, None)}
 
 
 def form_id(w) -> int:
@@ -69,12 +72,10 @@ def form_id(w) -> int:
 
 
 def kernel_planes(w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A PackedTensor's planes as the kernels read them (code planes viewed as words; a form with
-    two planes repeats its last as an unused third)."""
-    planes = [w.planes[name] for name in w.plane_order]
-    word = _CODE_WORDS.get((w.qtype, w.form))
-    if word is not None:
-        planes[0] = planes[0].view(word)
+    """A PackedTensor's planes as the kernels read them (viewed as words, see kernels/decode.py; a
+    form with two planes repeats its last as an unused third)."""
+    words = _WORDS[(w.qtype, w.form)]
+    planes = [p if t is None else p.view(t) for p, t in zip((w.planes[n] for n in w.plane_order), words)]
     while len(planes) < 3:
         planes.append(planes[-1])
     return tuple(planes)
