@@ -26,7 +26,8 @@ from moetile.ops.mul_mm_id import mul_mm_id_mapped
 from moetile.quant import random_blocks
 from moetile.quant.pack import pack
 
-T_FOR_WIDTH = {16: (128, 512), 32: (128, 512, 2048), 64: (2048,), 128: (2048, 8192)}
+T_FOR_WIDTH = {16: (128, 512), 32: (128, 512, 2048), 64: (2048,), 128: (2048, 8192), 256: (8192,)}
+schedule.WIDTHS = (16, 32, 64, 128, 256)  # let the sweep try tiles wider than the policy offers
 
 
 def _operands(sh, op, T):

@@ -151,18 +151,25 @@ class MMConfig:
     asm: bool
 
 
-# (block_n, block_k, num_warps, num_stages) per packed form and width.
+# (block_n, block_k, num_warps, num_stages) per packed form and width: the best of 476 shapes per
+# op at DS4 shapes on the H100 (BENCHMARKS.md §8, benchmarks/scripts/packed_sweep.py). Q8_0 (the
+# shared expert) was not swept; it takes the K-quants' shape.
+_K_QUANT = {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 128, 4, 2), 128: (64, 128, 4, 3)}
 _MM_SHAPES = {
-    form: {16: (128, 256, 4, 2), 32: (128, 256, 4, 2), 64: (128, 256, 8, 2), 128: (128, 128, 8, 2)}
-    for form in ("Q4_K", "Q2_K", "IQ2_XXS/fast", "IQ2_XXS/compact", "Q8_0")
+    "IQ2_XXS/fast": {16: (128, 128, 4, 2), 32: (128, 128, 8, 3), 64: (64, 128, 4, 3), 128: (64, 128, 4, 3)},
+    "IQ2_XXS/compact": {16: (64, 128, 4, 2), 32: (128, 128, 8, 2), 64: (64, 128, 4, 2), 128: (64, 128, 4, 2)},
+    "Q2_K": {w: (64, 128, 4, 3) for w in (16, 32, 64, 128)},
+    "Q4_K": _K_QUANT,
+    "Q8_0": _K_QUANT,
 }
-_MM_FUSED = (64, 256, 4, 2)
+# the fused gate+up kernel decodes two weight tiles per step (swept for Q4_K, used for every form)
+_MM_FUSED = {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 128, 4, 2), 128: (64, 128, 4, 2)}
 
 
 def mm_config(width: int, n_rows: int, form: str, fused: bool = False, *, interpreter: bool = False) -> MMConfig:
     """Kernel shape for a tile width, packed form ("Q4_K", "IQ2_XXS/fast", ...) and N.
     The fused gate+up variant holds two accumulators and decodes two tiles per step."""
-    block_n, block_k, warps, stages = _MM_FUSED if fused else _MM_SHAPES[form][width]
+    block_n, block_k, warps, stages = _MM_FUSED[width] if fused else _MM_SHAPES[form][width]
     while block_n > 64 and n_rows % block_n:
         block_n //= 2
     return MMConfig(width, block_n, block_k, warps, stages, asm=not interpreter)
