@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One GPU session: wide-tile sweep, decode crossover, gate/up A/B, then the layer benchmark of this
 # tree and of the tree before the packed forms (.baseline/src = commit ebe10f9) in the same run.
-# Usage: bash benchmarks/scripts/gpu_layer_ab.sh OUTDIR   (PYTHONPATH must hold gguf)
+# Usage: bash benchmarks/scripts/gpu_layer_ab.sh OUTDIR new|old   (PYTHONPATH must hold gguf)
 set -uo pipefail
 out=${1:?outdir}
+part=${2:?new or old}
 site=${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
 run_new() { PYTHONPATH=$site:$PWD/src "$@"; }
 run_old() { PYTHONPATH=$site:$PWD/.baseline/src "$@"; }
+if [ "$part" = new ]; then
 run_new timeout 150 python3 benchmarks/scripts/packed_sweep.py benchmarks/scripts/wide_candidates.json "$out/wide.csv" 2>&1 | tail -12
 run_new timeout 120 python3 benchmarks/scripts/decode_crossover_packed.py 2>&1 | tee "$out/decode_crossover.log"
 run_new timeout 120 python3 benchmarks/scripts/gate_up_ab.py 2>&1 | tee "$out/gate_up.log"
@@ -16,7 +18,10 @@ for m in "q2 fast" "q2 compact" "q4 auto"; do
   run_new timeout 150 python3 -m moetile.cli.main bench --model "$1" --form "$2" --tokens-start 128 --tokens-max 8192 \
     --step-mul 4 --gen-tokens 1 --widths 16,32,64,128,auto --reps 10 --csv "$out/layer_new.csv" 2>&1 | tail -32
 done
+fi
+if [ "$part" = old ]; then
 for m in q2 q4; do
   run_old timeout 150 python3 -m moetile.cli.main bench --model "$m" --tokens-start 128 --tokens-max 8192 \
     --step-mul 4 --gen-tokens 1 --widths 32,64,128,auto --no-baseline --reps 10 --csv "$out/layer_old.csv" 2>&1 | tail -24
 done
+fi
