@@ -52,10 +52,11 @@ def test_auto_follows_rows_per_expert(monkeypatch):
     assert schedule.choose_tile("auto", 1, 6, 256) == 16
     assert schedule.choose_tile("auto", 512, 6, 256) == 16  # 12 rows per expert
     assert schedule.choose_tile("auto", 2048, 6, 256) == 64  # 48
-    assert schedule.choose_tile("auto", 8192, 6, 256) == 128  # 192
+    assert schedule.choose_tile("auto", 8192, 6, 256) == 256  # 192
+    assert schedule.choose_tile("auto", 4096, 6, 256) == 128  # 96
 
 
-@pytest.mark.parametrize("bad", [0, 48, 256, "wide", True, 3.0])
+@pytest.mark.parametrize("bad", [0, 48, 512, 8, "wide", True, 3.0])
 def test_bad_tile_arguments(bad):
     with pytest.raises((ValueError, TypeError)):
         schedule.choose_tile(bad, 128, 6, 256)
@@ -69,5 +70,5 @@ def test_mm_config_matches_width_and_divides_n(form, width):
             cfg = schedule.mm_config(width, n, form, fused=fused)
             assert cfg.block_m == width and cfg.asm
             assert cfg.block_n == 64 or n % cfg.block_n == 0
-            assert cfg.block_k in (128, 256)
+            assert cfg.block_k in (64, 128, 256)
     assert not schedule.mm_config(width, 64, form, interpreter=True).asm

@@ -27,7 +27,6 @@ from moetile.quant import random_blocks
 from moetile.quant.pack import pack
 
 T_FOR_WIDTH = {16: (128, 512), 32: (128, 512, 2048), 64: (2048,), 128: (2048, 8192), 256: (8192,)}
-schedule.WIDTHS = (16, 32, 64, 128, 256)  # let the sweep try tiles wider than the policy offers
 
 
 def _operands(sh, op, T):

@@ -15,6 +15,7 @@ import torch
 
 from .ops.mul_mm_id import mul_mm_id
 from .quant import random_blocks
+from .quant.pack import pack
 from .reference import mul_mm_id_ref
 
 # Against a reference that rounds the same operands to f16, only float32 accumulation differs:
@@ -45,6 +46,7 @@ def run_audit(
     widths: list[int],
     *,
     rhs: str = "f32",
+    form: str = "auto",
     experts: int = 8,
     device: str = "cpu",
     seed: int = 0,
@@ -53,13 +55,14 @@ def run_audit(
     progress: Callable[[int], None] | None = None,
 ) -> list[AuditRow]:
     """Audit table rows for every (scenario, width, R). ``rhs`` is "f32" (one row per token)
-    or "f16" (one row per pair). ``op`` is the function under test (mul_mm_id's signature)."""
+    or "f16" (one row per pair); ``form`` the packed form of the weights (moetile.quant.pack).
+    ``op`` is the function under test (mul_mm_id's signature)."""
     if rhs not in ("f32", "f16"):
         raise ValueError(f"rhs must be 'f32' or 'f16', got {rhs!r}")
     if experts < 2:
         raise ValueError(f"the audit needs at least 2 experts, got {experts}")
     g = torch.Generator(device=device).manual_seed(seed)
-    w = random_blocks(qtype, (experts, n, k), generator=g, device=device)
+    w = pack(random_blocks(qtype, (experts, n, k), generator=g, device=device), form)
     out_rows = []
     for scenario in ("one-expert", "random"):
         for r in rows:

@@ -153,14 +153,14 @@ def moe_forward(
                           include_shared=include_shared, round_f16=True)
         return out.copy_(ref)
     weights = weights.packed()  # a no-op for packed weights; QuantTensors pack once (cached)
-    plan = schedule.plan_layer(T, k, E, weights.gate.qtype, tile=tile, path=path, gate_up=gate_up)
+    plan = schedule.plan_layer(T, k, E, schedule.form_key(weights.gate), tile=tile, path=path, gate_up=gate_up)
     y = _routed(x, weights.gate, weights.up, weights.down, topk_ids, topk_weights, plan, hook)  # [T, k, H]
     shared = None
     if include_shared and weights.has_shared:
         ones_ids = torch.zeros((T, 1), dtype=torch.int32, device=x.device)
         ones_w = torch.ones((T, 1), dtype=torch.float32, device=x.device)
         sg, su, sd = (t.stack() for t in (weights.shared_gate, weights.shared_up, weights.shared_down))
-        splan = schedule.plan_layer(T, 1, 1, sg.qtype, tile=tile, path=path, gate_up=gate_up)
+        splan = schedule.plan_layer(T, 1, 1, schedule.form_key(sg), tile=tile, path=path, gate_up=gate_up)
         shared = _routed(x, sg, su, sd, ones_ids, ones_w, splan).view(T, H)
         hook("shared")
     combine_slots(y, out, shared)

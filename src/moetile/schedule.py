@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-WIDTHS: tuple[int, ...] = (16, 32, 64, 128)  # token-tile widths the kernels are built for
+WIDTHS: tuple[int, ...] = (16, 32, 64, 128, 256)  # token-tile widths the kernels are built for
 TILE_MAX_ENV = "MOETILE_TILE_MAX"
 
 
@@ -94,10 +94,10 @@ def build_tiles(emap: ExpertMap, width: int) -> TileList:
 
 # --------------------------------------------------------------------------- tile-width policy
 def tile_max_from_env() -> int:
-    """``MOETILE_TILE_MAX`` (default 128): the widest tile any policy may pick."""
+    """``MOETILE_TILE_MAX`` (default 256): the widest tile any policy may pick."""
     raw = os.environ.get(TILE_MAX_ENV)
     if raw is None or raw.strip() == "":
-        return 128
+        return 256
     try:
         val = int(raw)
     except ValueError:
@@ -112,8 +112,9 @@ def choose_tile(tile, num_tokens: int, top_k: int, num_experts: int) -> int:
 
     ``tile`` is ``"ds4"`` (ds4's rule on the whole batch: 128 if T % 128 == 0, else 64 if
     T % 64 == 0, else 32), ``"auto"`` (the next power of two at or above the mean rows per
-    expert T*k/E, clamped to [16, 128]: on the H100 the best width tracked it at T = 512, 2048
-    and 8192), or an int in WIDTHS (forced; the env cap does not apply). Policies are capped by
+    expert T*k/E, clamped to [16, 256]: on the H100 the best width tracked it at T = 128, 512,
+    2048 and 8192 for the packed kernels), or an int in WIDTHS (forced; the env cap does not
+    apply). Policies are capped by
     ``MOETILE_TILE_MAX``.
     """
     if isinstance(tile, bool):
@@ -129,7 +130,7 @@ def choose_tile(tile, num_tokens: int, top_k: int, num_experts: int) -> int:
     elif tile == "auto":
         mean_rows = num_tokens * top_k / max(num_experts, 1)
         w = 16
-        while w < 128 and w < mean_rows:
+        while w < 256 and w < mean_rows:
             w *= 2
     else:
         raise ValueError(f"tile must be 'auto', 'ds4' or an int width, got {tile!r}")
@@ -154,16 +155,22 @@ class MMConfig:
 # (block_n, block_k, num_warps, num_stages) per packed form and width: the best of 476 shapes per
 # op at DS4 shapes on the H100 (BENCHMARKS.md §8, benchmarks/scripts/packed_sweep.py). Q8_0 (the
 # shared expert) was not swept; it takes the K-quants' shape.
-_K_QUANT = {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 128, 4, 2), 128: (64, 128, 4, 3)}
+_K_QUANT = {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 128, 4, 2), 128: (64, 128, 4, 3),
+            256: (128, 64, 8, 3)}
 _MM_SHAPES = {
-    "IQ2_XXS/fast": {16: (128, 128, 4, 2), 32: (128, 128, 8, 3), 64: (64, 128, 4, 3), 128: (64, 128, 4, 3)},
-    "IQ2_XXS/compact": {16: (64, 128, 4, 2), 32: (128, 128, 8, 2), 64: (64, 128, 4, 2), 128: (64, 128, 4, 2)},
-    "Q2_K": {w: (64, 128, 4, 3) for w in (16, 32, 64, 128)},
+    "IQ2_XXS/fast": {16: (128, 128, 4, 2), 32: (128, 128, 8, 3), 64: (64, 128, 4, 3), 128: (64, 128, 4, 3),
+                     256: (128, 64, 8, 3)},
+    "IQ2_XXS/compact": {16: (64, 128, 4, 2), 32: (128, 128, 8, 2), 64: (64, 128, 4, 2), 128: (64, 128, 4, 2),
+                        256: (128, 64, 8, 3)},
+    "Q2_K": {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 128, 4, 3), 128: (64, 128, 4, 3),
+             256: (64, 64, 4, 3)},
     "Q4_K": _K_QUANT,
     "Q8_0": _K_QUANT,
 }
-# the fused gate+up kernel decodes two weight tiles per step (swept for Q4_K, used for every form)
-_MM_FUSED = {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 128, 4, 2), 128: (64, 128, 4, 2)}
+# the fused gate+up kernel decodes two weight tiles per step (swept for Q4_K up to width 64, used
+# for every form); at 256 two [64, 256] accumulators need 8 warps
+_MM_FUSED = {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 128, 4, 2), 128: (64, 128, 4, 2),
+             256: (64, 64, 8, 2)}
 
 
 def mm_config(width: int, n_rows: int, form: str, fused: bool = False, *, interpreter: bool = False) -> MMConfig:
@@ -188,14 +195,19 @@ def mv_blocks(interpreter: bool) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- layer plan
-# T at or below this takes the mat-vec path, by gate/up type. H100 crossover of the decode
-# mat-vec against the best tile (BENCHMARKS.md): q2 between T=8 and 16, q4 between 32 and 64.
-DECODE_MAX_TOKENS = {"IQ2_XXS": 8, "Q2_K": 8, "Q4_K": 32, "Q8_0": 8}
+# T at or below this takes the mat-vec path, by gate/up form. H100 crossover of the decode mat-vec
+# against the tiled path with the packed kernels (BENCHMARKS.md §8): q2 fast and q4 between T=4
+# and 8, q2 compact between 8 and 16.
+DECODE_MAX_TOKENS = {"IQ2_XXS/fast": 4, "IQ2_XXS/compact": 8, "Q2_K": 4, "Q4_K": 4, "Q8_0": 4}
 PATHS = ("auto", "decode", "prefill")
 GATE_UP = ("auto", "fused", "split")
-# split (gate, up, then a SwiGLU pass) beat the fused two-accumulator kernel for IQ2_XXS on the
-# H100 (register spills); for the K-quants the two were within noise and fused saves a pass.
-_GATE_UP_DEFAULT = {"IQ2_XXS": "split", "Q2_K": "fused", "Q4_K": "fused", "Q8_0": "fused"}
+
+
+def _gate_up_default(form: str, width: int) -> str:
+    """Fused gate+up for the K-quants and Q8_0 (3-10% faster than split on the H100); split for
+    IQ2_XXS (split won at T <= 2048, fused at 8192: within 6% either way) and at width 256 (the
+    fused kernel was not swept there)."""
+    return "split" if form.startswith("IQ2_XXS") or width == 256 else "fused"
 
 
 @dataclass(frozen=True)
@@ -208,16 +220,17 @@ class LayerPlan:
     gate_up: str
 
 
-def plan_layer(num_tokens: int, top_k: int, num_experts: int, qtype: str, *, tile="auto",
+def plan_layer(num_tokens: int, top_k: int, num_experts: int, form: str, *, tile="auto",
                path: str = "auto", gate_up: str = "auto") -> LayerPlan:
-    """The one place that decides path, tile width and gate/up variant (each overridable)."""
+    """The one place that decides path, tile width and gate/up variant (each overridable).
+    ``form``: the gate/up weights' policy key (``form_key``: "Q4_K", "IQ2_XXS/fast", ...)."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if gate_up not in GATE_UP:
         raise ValueError(f"gate_up must be one of {GATE_UP}, got {gate_up!r}")
     if path == "auto":
-        path = "decode" if num_tokens <= DECODE_MAX_TOKENS[qtype] else "prefill"
+        path = "decode" if num_tokens <= DECODE_MAX_TOKENS[form] else "prefill"
     width = choose_tile(tile, num_tokens, top_k, num_experts)
     if gate_up == "auto":
-        gate_up = _GATE_UP_DEFAULT[qtype]
+        gate_up = _gate_up_default(form, width)
     return LayerPlan(path, width, gate_up)

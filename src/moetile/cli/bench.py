@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--step-incr", type=int, default=0, help="linear steps of N tokens (overrides --step-mul)")
     p.add_argument("--gen-tokens", type=int, default=1, help="decode rows: T=1 ... (0 to skip decode)")
     p.add_argument("--routing", default="uniform", help="uniform, zipf, worst, or a comma list")
-    p.add_argument("--widths", default="16,32,64,128,auto", help="tile widths to time")
+    p.add_argument("--widths", default="16,32,64,128,256,auto", help="tile widths to time")
     p.add_argument("--no-baseline", action="store_true", help="skip the torch bf16 baseline")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--csv", default=None, help="append rows to this CSV")
@@ -91,9 +91,9 @@ def run(args) -> int:
         con.print(f"{meta['card']}: copy {ceil.copy_gbs:.0f} GB/s, f16 matmul {ceil.f16_tflops:.0f} TFLOP/s "
                   f"(measured now); torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}")
     rows = []
-    from ..schedule import DECODE_MAX_TOKENS
+    from ..schedule import DECODE_MAX_TOKENS, form_key
 
-    dec_max = DECODE_MAX_TOKENS[w.gate.qtype]
+    dec_max = DECODE_MAX_TOKENS[form_key(w.gate)]
     variants = [("decode" if t <= dec_max else None) for t in tokens]
     total = len(routings) * sum(1 if v else len(widths) + (base is not None) for v in variants)
     with Progress(console=con, transient=True) as prog:
@@ -203,6 +203,11 @@ def _plot(path, rows, title):
 
 
 def _commit() -> str:
+    """The commit benchmarked: $MOETILE_COMMIT if set (a copied tree may carry a stale .git), else git's."""
+    import os
+
+    if os.environ.get("MOETILE_COMMIT"):
+        return os.environ["MOETILE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()

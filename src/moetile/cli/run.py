@@ -32,19 +32,19 @@ def run(args) -> int:
                   "no figure below is a performance figure.[/]")
     rc = info.run(argparse.Namespace())
     con.rule("audit")
-    a = dict(n=64, k=256, rows=None, widths="16,32,64,128", experts=8, seed=0)
+    a = dict(n=64, k=768, rows=None, widths="16,32,64,128,256", experts=8, seed=0, form="all")
     if gpu:
         rc |= audit.run(argparse.Namespace(qtype="all", rhs="both", **a))
     else:
-        rc |= audit.run(argparse.Namespace(qtype="q4_k", rhs="f32", **dict(a, widths="32,64")))
+        rc |= audit.run(argparse.Namespace(qtype="q4_k", rhs="f32", **dict(a, k=512, widths="32,64")))
     con.rule("bench")
     for model in ("q2", "q4"):
-        b = dict(model=model, experts=None, topk=6, hidden=None, ffn=None, gguf=None, layer=3,
+        b = dict(model=model, form="auto", experts=None, topk=6, hidden=None, ffn=None, gguf=None, layer=3,
                  step_mul=4.0 if gpu else 2.0, step_incr=0, gen_tokens=1, routing="uniform",
                  no_baseline=False, reps=20, csv=os.path.join(args.out, "bench.csv"),
                  svg=os.path.join(args.out, f"bench_{model}.svg"))
         if gpu:
-            b.update(tokens_start=512, tokens_max=8192, widths="32,64,128,auto")
+            b.update(tokens_start=512, tokens_max=8192, widths="16,64,128,256,auto")
         else:
             b.update(tokens_start=16, tokens_max=32, widths="16,auto", gen_tokens=0)
         rc |= bench.run(argparse.Namespace(**b))
@@ -53,7 +53,8 @@ def run(args) -> int:
     if gpu:
         con.rule("profile")
         for model in ("q2", "q4"):
-            rc |= profile.run(argparse.Namespace(model=model, tokens=2048, tile="auto", gate_up="auto", reps=10,
+            rc |= profile.run(argparse.Namespace(model=model, form="auto", tokens=2048, tile="auto",
+                                                 gate_up="auto", reps=10,
                                                  csv=os.path.join(args.out, "profile.csv")))
     con.rule("[green]done[/]" if rc == 0 else "[red]FAILED[/]")
     return rc

@@ -75,7 +75,7 @@ def kernel_planes(w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A PackedTensor's planes as the kernels read them (viewed as words, see kernels/decode.py; a
     form with two planes repeats its last as an unused third)."""
     words = _WORDS[(w.qtype, w.form)]
-    planes = [p if t is None else p.view(t) for p, t in zip((w.planes[n] for n in w.plane_order), words)]
+    planes = [p if t is None else p.view(t) for p, t in zip((w.planes[n] for n in w.plane_order), words, strict=True)]
     while len(planes) < 3:
         planes.append(planes[-1])
     return tuple(planes)
