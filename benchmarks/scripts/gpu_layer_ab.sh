@@ -25,3 +25,16 @@ for m in q2 q4; do
     --step-mul 4 --gen-tokens 1 --widths 32,64,128,auto --no-baseline --reps 10 --csv "$out/layer_old.csv" 2>&1 | tail -24
 done
 fi
+if [ "$part" = final ]; then
+run_new timeout 150 python3 -m moetile.cli.main bench-ops --tokens 512,2048,8192 --widths 16,64,128,256 --reps 10 \
+  --csv "$out/ops_new.csv" 2>&1 | tail -70
+run_old timeout 100 python3 -m moetile.cli.main bench-ops --tokens 2048,8192 --widths 64,128 --reps 10 \
+  --csv "$out/ops_old.csv" 2>&1 | tail -30
+run_new timeout 100 python3 -m moetile.cli.main bench --model q2 --form compact --tokens-start 512 --tokens-max 8192 \
+  --step-mul 4 --gen-tokens 1 --widths 16,64,128,256,auto --reps 10 --csv "$out/layer_compact.csv" 2>&1 | tail -28
+run_new timeout 60 python3 benchmarks/scripts/gate_up_ab.py 256 2>&1 | tee "$out/gate_up_256.log"
+run_new timeout 100 python3 -m moetile.cli.main bench --model q2 --tokens-start 2048 --tokens-max 8192 --step-mul 4 \
+  --gen-tokens 0 --routing zipf,worst --widths 64,128,256,auto --no-baseline --reps 10 --csv "$out/routing_new.csv" 2>&1 | tail -22
+run_old timeout 100 python3 -m moetile.cli.main bench --model q2 --tokens-start 2048 --tokens-max 8192 --step-mul 4 \
+  --gen-tokens 0 --routing zipf,worst --widths 64,128,auto --no-baseline --reps 10 --csv "$out/routing_old.csv" 2>&1 | tail -18
+fi
