@@ -72,3 +72,27 @@ def test_mm_config_matches_width_and_divides_n(form, width):
             assert cfg.block_n == 64 or n % cfg.block_n == 0
             assert cfg.block_k in (64, 128, 256)
     assert not schedule.mm_config(width, 64, form, interpreter=True).asm
+
+
+def test_two_width_classes_cover_every_pair_once():
+    """The narrow and the wide tile lists of a two-width plan split the experts by row count; every
+    pair (invalid ids included, in the narrow class) is in exactly one tile of one list."""
+    g = torch.Generator().manual_seed(0)
+    E, T, k = 8, 300, 2
+    ids = torch.randint(0, E, (T, k), generator=g, dtype=torch.int32)
+    ids[:, 0] = 2  # 300+ rows on expert 2
+    ids[:7, 1] = E + 3  # invalid ids
+    m = schedule.build_expert_map(ids, E)
+    plan = schedule.LayerPlan("prefill", 16, "split", wide=256, wide_rows=33)
+    covered = torch.zeros(ids.numel(), dtype=torch.int64)
+    for tiles, _ in plan.tile_lists(m):
+        for e, r in zip(tiles.expert.tolist(), tiles.row.tolist(), strict=True):
+            cnt = m.counts[e].item()
+            if r >= cnt:
+                continue
+            assert (cnt >= 33) == (tiles.width == 256) or e == E
+            start = m.offsets[e].item()
+            covered[m.sorted_pairs[start + r : start + min(r + tiles.width, cnt)].long()] += 1
+    assert (covered == 1).all()
+    assert schedule.plan_layer(T, k, E, "Q4_K").wide == 256
+    assert schedule.plan_layer(T, k, E, "Q4_K", tile=16).wide == 0  # a forced width: one class

@@ -23,6 +23,15 @@ from .quant.pack import PackedTensor, packed
 Quantized = QuantTensor | PackedTensor
 
 DS4 = dict(top_k=6, scale=1.5)  # used when a GGUF lacks expert_used_count / expert_weights_scale
+# Test-only override: fill every buffer the layer allocates (output and intermediates) with NaN
+# first, so a row that no kernel writes shows up as NaN in the output instead of stale memory.
+POISON = False
+
+
+def _buffer(shape, dtype, device) -> torch.Tensor:
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @dataclass(frozen=True)
@@ -143,7 +152,7 @@ def moe_forward(
     hook = stage_hook or (lambda name: None)
     hook("route")
     k = topk_ids.shape[1]
-    out = torch.empty((T, H), dtype=torch.float32, device=x.device)
+    out = _buffer((T, H), torch.float32, x.device)
     if T == 0:
         return out
     if not use_kernel(x.device, "moe_forward"):
@@ -175,9 +184,9 @@ def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, hook=None
     P = T * k
     hook = hook or (lambda name: None)
     rw = route_w.reshape(P).to(torch.float32).contiguous()
-    y = torch.empty((T, k, H), dtype=torch.float32, device=x.device)
+    y = _buffer((T, k, H), torch.float32, x.device)
     if plan.path == "decode":
-        mid = torch.empty((P, F), dtype=torch.float32, device=x.device)
+        mid = _buffer((P, F), torch.float32, x.device)
         ids32 = ids_int32(ids, E)
         launch_mv(x, gate, ids32, k, mid, w_up=up, route_weights=rw)
         hook("gate_up")
@@ -185,22 +194,36 @@ def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, hook=None
         hook("down")
         return y
     emap = schedule.build_expert_map(ids, E)
-    tiles = schedule.build_tiles(emap, plan.width)
+    lists = plan.tile_lists(emap)  # each width class writes the rows of its own experts
     hook("map")
     xh = x.to(torch.float16).contiguous()
-    mid = torch.empty((P, F), dtype=torch.float16, device=x.device)
-    if plan.gate_up == "fused":
-        mul_mm_id_mapped(xh, gate, emap, tiles, out=mid, w_up=up, route_weights=rw)
-    else:
-        g = torch.empty((P, F), dtype=torch.float32, device=x.device)
-        u = torch.empty((P, F), dtype=torch.float32, device=x.device)
-        mul_mm_id_mapped(xh, gate, emap, tiles, out=g)
-        mul_mm_id_mapped(xh, up, emap, tiles, out=u)
-        swiglu_weight(g, u, rw, mid)
+    mid = _buffer((P, F), torch.float16, x.device)
+    split = [tiles for tiles, gu in lists if gu == "split"]
+    for tiles, gu in lists:
+        if gu == "fused":
+            mul_mm_id_mapped(xh, gate, emap, tiles, out=mid, w_up=up, route_weights=rw)
+    if split:
+        g = _buffer((P, F), torch.float32, x.device)
+        u = _buffer((P, F), torch.float32, x.device)
+        for tiles in split:
+            mul_mm_id_mapped(xh, gate, emap, tiles, out=g)
+            mul_mm_id_mapped(xh, up, emap, tiles, out=u)
+        # with a fused narrow class, only the wide class's rows are in g/u: keep the others' mid
+        select = None if len(split) == len(lists) else _wide_pairs(ids, emap, plan.wide_rows)
+        swiglu_weight(g, u, rw, mid, select=select)
     hook("gate_up")
-    mul_mm_id_mapped(mid.view(T, k, F), down, emap, tiles, out=y.view(P, H))
+    for tiles, _ in lists:
+        mul_mm_id_mapped(mid.view(T, k, F), down, emap, tiles, out=y.view(P, H))
     hook("down")
     return y
+
+
+def _wide_pairs(ids: torch.Tensor, emap: schedule.ExpertMap, wide_rows: int) -> torch.Tensor:
+    """bool [P]: the pairs whose expert (valid id) has at least ``wide_rows`` pairs."""
+    E = emap.num_experts
+    flat = ids.reshape(-1).to(torch.int64)
+    valid = (flat >= 0) & (flat < E)
+    return valid & (emap.counts[torch.where(valid, flat, torch.full_like(flat, E))] >= wide_rows)
 
 
 def _check_x(x, H, device):

@@ -73,11 +73,19 @@ def build_expert_map(topk_ids: torch.Tensor, num_experts: int) -> ExpertMap:
     )
 
 
-def build_tiles(emap: ExpertMap, width: int) -> TileList:
-    """Tile list of ``width`` pairs per tile, sized by an upper bound (no host sync)."""
+def build_tiles(emap: ExpertMap, width: int, min_rows: int = 0, max_rows: int | None = None) -> TileList:
+    """Tile list of ``width`` pairs per tile, sized by an upper bound (no host sync). Only experts
+    with ``min_rows <= count < max_rows`` get tiles (one width class of a two-width plan); the bin
+    of invalid ids belongs to the class that starts at 0 rows."""
     if width not in WIDTHS:
         raise ValueError(f"tile width must be one of {WIDTHS}, got {width}")
     counts = emap.counts.to(torch.int64)  # [E+1]
+    if min_rows > 0 or max_rows is not None:
+        keep = counts >= min_rows
+        if max_rows is not None:
+            keep &= counts < max_rows
+        keep[-1] = min_rows == 0  # the invalid-id bin
+        counts = torch.where(keep, counts, torch.zeros_like(counts))
     per = (counts + width - 1) // width
     cum = torch.cumsum(per, 0)  # inclusive
     n_bins = counts.numel()
@@ -200,24 +208,38 @@ def mv_blocks(interpreter: bool) -> tuple[int, int]:
 # and 8, q2 compact between 8 and 16.
 DECODE_MAX_TOKENS = {"IQ2_XXS/fast": 4, "IQ2_XXS/compact": 8, "Q2_K": 4, "Q4_K": 4, "Q8_0": 4}
 PATHS = ("auto", "decode", "prefill")
+WIDE = 256  # the wide class of the "auto" plan (BENCHMARKS.md §8: skewed routing)
 GATE_UP = ("auto", "fused", "split")
 
 
 def _gate_up_default(form: str, width: int) -> str:
     """Fused gate+up for the K-quants and Q8_0 (3-10% faster than split on the H100); split for
-    IQ2_XXS (split won at T <= 2048, fused at 8192: within 6% either way) and at width 256 (the
-    fused kernel was not swept there)."""
+    IQ2_XXS (split won at T <= 2048, fused at 8192: within 6% either way) and at width 256 (fused
+    was 18-25% slower there: two [64, 256] accumulators)."""
     return "split" if form.startswith("IQ2_XXS") or width == 256 else "fused"
 
 
 @dataclass(frozen=True)
 class LayerPlan:
     """How one MoE layer runs: ``path`` "decode" (mat-vec, f32) or "prefill" (tiled MMA, f16
-    operands); ``width`` the token tile (prefill); ``gate_up`` "fused" or "split"."""
+    operands); ``width`` the token tile (prefill); ``gate_up`` "fused" or "split". A two-width
+    plan (``wide`` > 0) gives experts with at least ``wide_rows`` pairs tiles of ``wide`` pairs
+    (gate/up variant ``wide_gate_up``) and the rest tiles of ``width`` (skewed routing: a few
+    crowded experts, many sparse ones)."""
 
     path: str
     width: int
     gate_up: str
+    wide: int = 0
+    wide_rows: int = 0
+    wide_gate_up: str = "split"
+
+    def tile_lists(self, emap: ExpertMap) -> list[tuple[TileList, str]]:
+        """(tile list, gate/up variant) of each width class of this plan over ``emap``."""
+        if not self.wide:
+            return [(build_tiles(emap, self.width), self.gate_up)]
+        return [(build_tiles(emap, self.width, 0, self.wide_rows), self.gate_up),
+                (build_tiles(emap, self.wide, self.wide_rows), self.wide_gate_up)]
 
 
 def plan_layer(num_tokens: int, top_k: int, num_experts: int, form: str, *, tile="auto",
@@ -231,6 +253,11 @@ def plan_layer(num_tokens: int, top_k: int, num_experts: int, form: str, *, tile
     if path == "auto":
         path = "decode" if num_tokens <= DECODE_MAX_TOKENS[form] else "prefill"
     width = choose_tile(tile, num_tokens, top_k, num_experts)
+    wide, wide_rows = 0, 0
+    if tile == "auto" and num_experts > 1 and width < WIDE and tile_max_from_env() >= WIDE:
+        # an expert that needs three or more narrow tiles decodes its weights once in a wide one
+        wide, wide_rows = WIDE, 2 * width + 1
+    wide_gate_up = _gate_up_default(form, WIDE) if gate_up == "auto" else gate_up
     if gate_up == "auto":
         gate_up = _gate_up_default(form, width)
-    return LayerPlan(path, width, gate_up)
+    return LayerPlan(path, width, gate_up, wide, wide_rows, wide_gate_up)

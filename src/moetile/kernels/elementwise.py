@@ -8,9 +8,14 @@ import triton.language as tl
 
 
 @triton.jit
-def swiglu_weight_kernel(g_ptr, u_ptr, w_ptr, mid_ptr, F, CLAMP: tl.constexpr, BLOCK: tl.constexpr):
-    """mid[p, :] = silu(min(g, C)) * clamp(u, -C, C) * w[p], f32 in, f16 out; grid (P, cdiv(F, BLOCK))."""
+def swiglu_weight_kernel(g_ptr, u_ptr, w_ptr, mid_ptr, select_ptr, F, CLAMP: tl.constexpr, SELECT: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """mid[p, :] = silu(min(g, C)) * clamp(u, -C, C) * w[p], f32 in, f16 out; grid (P, cdiv(F, BLOCK)).
+    With SELECT, rows p with select[p] == 0 (bool [P]) are left as they are."""
     p = tl.program_id(0).to(tl.int64)
+    if SELECT:
+        if tl.load(select_ptr + p) == 0:
+            return
     f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = f < F
     g = tl.minimum(tl.load(g_ptr + p * F + f, mask=ok, other=0.0), CLAMP)

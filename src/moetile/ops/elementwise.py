@@ -9,12 +9,16 @@ from ..kernels.elementwise import combine_slots_kernel, swiglu_weight_kernel
 BLOCK = 1024
 
 
-def swiglu_weight(gate: torch.Tensor, up: torch.Tensor, route_weights: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+def swiglu_weight(gate: torch.Tensor, up: torch.Tensor, route_weights: torch.Tensor, mid: torch.Tensor,
+                  select: torch.Tensor | None = None) -> torch.Tensor:
     """mid f16 [P, F] = silu(min(gate, 10)) * clamp(up, -10, 10) * route_weights[:, None];
-    gate/up f32 [P, F], route_weights f32 [P]."""
+    gate/up f32 [P, F], route_weights f32 [P]. With ``select`` (bool [P]) only those rows are
+    written; the others keep what ``mid`` holds."""
     P, F = gate.shape
     if P:
-        swiglu_weight_kernel[(P, -(-F // BLOCK))](gate, up, route_weights, mid, F, CLAMP=10.0, BLOCK=BLOCK)
+        swiglu_weight_kernel[(P, -(-F // BLOCK))](gate, up, route_weights, mid,
+                                                   select if select is not None else route_weights, F,
+                                                   CLAMP=10.0, SELECT=select is not None, BLOCK=BLOCK)
     return mid
 
 
