@@ -119,12 +119,14 @@ def test_bypass_router_and_no_shared(device):
     assert row_rel_err(out.cpu(), ref.cpu()).max() < BOUND_PREFILL
 
 
-def test_deterministic_bitwise(device):
-    w = make_weights("Q4_K", "Q4_K", device)
-    x = torch.randn(40, H).to(device)
-    a = moe_forward(x, w, tile=16)
-    b = moe_forward(x, w, tile=16)
-    assert torch.equal(a, b)
+@pytest.mark.gpu
+def test_deterministic_bitwise():
+    """Repeated runs on the GPU give the same bits (no atomics, fixed-order sums), whatever order
+    the SMs pick tiles in. (Through the interpreter the check would compare a run with itself.)"""
+    w = make_weights("Q4_K", "Q4_K", "cuda")
+    x = torch.randn(400, H, device="cuda")
+    runs = [moe_forward(x, w) for _ in range(5)]
+    assert all(torch.equal(r, runs[0]) for r in runs[1:])
 
 
 def test_nan_stays_in_its_token(device):

@@ -242,6 +242,8 @@ def _check_ids(ids, w, T, E, validate):
         raise TypeError(f"topk_ids must be an int32/int64 [T, k] tensor, got {getattr(ids, 'dtype', type(ids))}")
     if ids.shape[0] != T:
         raise ValueError(f"topk_ids has {ids.shape[0]} rows but x has {T} tokens")
+    if T and ids.shape[1] == 0:
+        raise ValueError("topk_ids has k = 0 experts per token")
     if w is None or not isinstance(w, torch.Tensor) or tuple(w.shape) != tuple(ids.shape):
         raise ValueError(f"topk_weights must be a float tensor of shape {tuple(ids.shape)} when topk_ids is given")
     if validate and ids.numel() and bool(((ids < 0) | (ids >= E)).any()):

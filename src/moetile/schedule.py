@@ -46,7 +46,8 @@ class ExpertMap:
 class TileList:
     """Tiles of width ``width`` over an ExpertMap: tile i covers rows
     ``row[i] .. row[i]+width-1`` of expert ``expert[i]``'s run (int32 [n_tiles] each).
-    ``n_tiles`` is the upper bound ceil(P/w) + E + 1; surplus tiles have row >= count and exit."""
+    ``n_tiles`` is an upper bound (ceil(P/w) + E + 1, less for a class of crowded experts);
+    surplus tiles have row >= count and exit."""
 
     width: int
     expert: torch.Tensor
@@ -89,7 +90,10 @@ def build_tiles(emap: ExpertMap, width: int, min_rows: int = 0, max_rows: int | 
     per = (counts + width - 1) // width
     cum = torch.cumsum(per, 0)  # inclusive
     n_bins = counts.numel()
-    n_tiles = -(-emap.num_pairs // width) + n_bins
+    # at most one partial tile per expert of the class, and at most P // min_rows experts hold
+    # min_rows pairs or more: a tight bound keeps the grid of a mostly empty wide class small
+    classes = n_bins if min_rows <= 0 else min(n_bins, emap.num_pairs // min_rows)
+    n_tiles = -(-emap.num_pairs // width) + classes
     i = torch.arange(n_tiles, device=counts.device)
     e = torch.searchsorted(cum, i, right=True)  # bin whose tile range holds i; n_bins if none
     valid = e < n_bins

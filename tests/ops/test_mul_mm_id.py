@@ -14,19 +14,27 @@ from helpers import assert_rows_close, row_rel_err
 
 from moetile import schedule
 from moetile.ops.mul_mm_id import mul_mm_id, mul_mm_id_mapped
-from moetile.quant import QTYPES, random_blocks
+from moetile.quant import random_blocks
+from moetile.quant.pack import pack
 from moetile.reference import mul_mm_id_ref
 
 # vs f16-rounded operands only float32 accumulation differs (~sqrt(K) 2^-24); see moetile.audit
 BOUND_F16 = 1e-4
 # vs exact operands: f16 rounding of both operands, 2^-11 each, adds in quadrature over K
 BOUND_EXACT = 4e-3
-E, N, K = 6, 64, 256
+# K spans two super-blocks (K-stepping, scale prefetch) and N is not a multiple of the row block;
+# test_long_k covers K = 1280 (five super-blocks, an odd count)
+E, N, K = 6, 80, 512
+
+
+# every packed form: (qtype, pack form)
+FORMS = [("Q4_K", "auto"), ("Q2_K", "auto"), ("IQ2_XXS", "fast"), ("IQ2_XXS", "compact"), ("Q8_0", "auto")]
 
 
 @dataclass(frozen=True)
 class Case:
     qtype: str
+    form: str
     rhs: str  # "f32" per token, "f16" per pair
     width: int
     rows: int  # pairs on the hot expert
@@ -34,21 +42,23 @@ class Case:
 
 def _cases() -> list[Case]:
     out = []
-    for q in QTYPES:
+    for q, f in FORMS:
         for rhs in ("f32", "f16"):
             for w in schedule.WIDTHS:
                 for r in sorted({1, w - 1, w, w + 1, 2 * w + 1}):
-                    out.append(Case(q, rhs, w, r))
+                    out.append(Case(q, f, rhs, w, r))
     return out
 
 
 _W: dict = {}
 
 
-def _weights(qtype, device):
-    key = (qtype, device)
+def _weights(qtype, device, form="auto"):
+    """Packed random weights (E, N, K) of ``qtype`` in ``form``, made once per session."""
+    key = (qtype, device, form)
     if key not in _W:
-        _W[key] = random_blocks(qtype, (E, N, K), generator=torch.Generator().manual_seed(7)).to(device)
+        qt = random_blocks(qtype, (E, N, K), generator=torch.Generator().manual_seed(7)).to(device)
+        _W[key] = pack(qt, form)
     return _W[key]
 
 
@@ -59,10 +69,10 @@ def _rhs(kind, T, k, device, seed):
     return torch.randn(T, k, K, generator=g).to(torch.float16).to(device)
 
 
-@pytest.mark.parametrize("case", _cases(), ids=lambda c: f"{c.qtype}-{c.rhs}-w{c.width}-r{c.rows}")
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: f"{c.qtype}-{c.form}-{c.rhs}-w{c.width}-r{c.rows}")
 def test_tile_boundaries_skewed(case, device):
     """R pairs on expert 2 (slot 0 of every token); slot 1 spreads over the others."""
-    w = _weights(case.qtype, device)
+    w = _weights(case.qtype, device, case.form)
     T, k = case.rows, 2
     g = torch.Generator().manual_seed(case.rows)
     ids = torch.empty(T, k, dtype=torch.int32)
@@ -78,10 +88,28 @@ def test_tile_boundaries_skewed(case, device):
     assert err.max() < BOUND_EXACT, f"{case}: {err.max():.2e} vs exact operands"
 
 
-@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("qtype, form", FORMS)
+@pytest.mark.parametrize("rhs", ["f32", "f16"])
+def test_long_k(qtype, form, rhs, device):
+    """K = 1280: five super-blocks, so every K step, the prefetch of the last step's scales and an
+    odd step count are exercised at the widths of both launch-shape families."""
+    Kl = 1280
+    w = pack(random_blocks(qtype, (E, N, Kl), generator=torch.Generator().manual_seed(3)).to(device), form)
+    T, k = 20, 2
+    g = torch.Generator().manual_seed(4)
+    ids = torch.rand(T, E, generator=g).topk(k, dim=1).indices.to(torch.int32).to(device)
+    x = (torch.randn(T, Kl, generator=g) if rhs == "f32" else torch.randn(T, k, Kl, generator=g).half()).to(device)
+    ref = mul_mm_id_ref(x, w, ids, round_f16=True).cpu()
+    for width in (16, 256):
+        out = torch.full((T, k, N), float("nan"), device=device)
+        mul_mm_id(x, w, ids, tile=width, out=out)
+        assert_rows_close(out.cpu(), ref, BOUND_F16, f"{qtype}/{form} K={Kl} w={width}")
+
+
+@pytest.mark.parametrize("qtype, form", FORMS)
 @pytest.mark.parametrize("T", [1, 7, 33, 128, 200])
-def test_random_routing_all_widths_agree(qtype, T, device):
-    w = _weights(qtype, device)
+def test_random_routing_all_widths_agree(qtype, form, T, device):
+    w = _weights(qtype, device, form)
     k = 3
     g = torch.Generator().manual_seed(T)
     ids = torch.rand(T, E, generator=g).topk(k, dim=1).indices.to(torch.int32).to(device)
@@ -164,17 +192,17 @@ def test_width_mismatch_is_refused(device):
     "make, err, match",
     [
         (lambda w, d: (torch.randn(3, K + 256, device=d), w, torch.zeros(3, 2, dtype=torch.int32, device=d)),
-         ValueError, r"must be \(3, 256\)"),
+         ValueError, r"must be \(3, 512\)"),
         (lambda w, d: (torch.randn(3, K, device=d), w, torch.zeros(3, 2, dtype=torch.float32, device=d)),
          TypeError, "int32/int64"),
         (lambda w, d: (torch.randint(0, 5, (3, K), device=d), w, torch.zeros(3, 2, dtype=torch.int32, device=d)),
          TypeError, "float32/float16/bfloat16"),
-        (lambda w, d: (torch.randn(3, K, device=d), w.data, torch.zeros(3, 2, dtype=torch.int32, device=d)),
-         TypeError, "QuantTensor"),
+        (lambda w, d: (torch.randn(3, K, device=d), w.planes["codes"], torch.zeros(3, 2, dtype=torch.int32, device=d)),
+         TypeError, "PackedTensor or QuantTensor"),
         (lambda w, d: (torch.randn(3, 2, K, device=d)[:, :, ::1].transpose(0, 1).contiguous().transpose(0, 1), w,
                        torch.zeros(3, 2, dtype=torch.int32, device=d)), ValueError, "contiguous"),
         (lambda w, d: (torch.randn(3, 4, K, device=d), w, torch.zeros(3, 2, dtype=torch.int32, device=d)),
-         ValueError, r"must be \(3, 2, 256\)"),
+         ValueError, r"must be \(3, 2, 512\)"),
         (lambda w, d: (torch.randn(3, K, device=d), w, torch.zeros(3, dtype=torch.int32, device=d)),
          ValueError, r"\[T, k\]"),
     ],
@@ -202,17 +230,22 @@ def test_devices_must_match():
         mul_mm_id(torch.randn(3, K), w, torch.zeros(3, 2, dtype=torch.int32))
 
 
-def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch):
+def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch, helpers):
+    """The fallback warns once and computes the op; checked against gguf's numpy dequantization
+    (independent of moetile's) times the f16-rounded activations."""
     import moetile.ops._launch as launch
+    from moetile.quant import q4_k
 
     monkeypatch.setattr(launch, "interpreted", lambda: False)
     launch._warn_fallback.cache_clear()
-    w = _weights("Q4_K", "cpu")
+    qt = random_blocks("Q4_K", (E, N, K), generator=torch.Generator().manual_seed(7))
     ids = torch.tensor([[0, 1]], dtype=torch.int32)
     x = torch.randn(1, K)
     with pytest.warns(RuntimeWarning, match="torch reference runs instead"):
-        out = mul_mm_id(x, w, ids)
-    assert_rows_close(out, mul_mm_id_ref(x, w, ids, round_f16=True).float(), 1e-6)
+        out = mul_mm_id(x, qt, ids)
+    deq = torch.from_numpy(helpers.gguf_reference(q4_k, qt.data)).reshape(E, N, K).half().double()
+    ref = torch.stack([deq[e] @ x[0].half().double() for e in (0, 1)])[None]
+    assert_rows_close(out, ref.float(), 1e-6)
 
 
 # ----------------------------------------------------------------------------- GPU, DS4 shapes

@@ -1,0 +1,90 @@
+"""mul_mv_id (the decode mat-vec) against the float64 reference, and its input checks: the same
+validation as mul_mm_id, so no argument can make the kernel read or write outside its tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_rows_close
+
+from moetile.ops.mul_mv_id import mul_mv_id
+from moetile.quant import random_blocks
+from moetile.quant.pack import pack
+from moetile.reference import mul_mm_id_ref, swiglu_ref
+
+E, N, K = 5, 80, 512
+FORMS = [("Q4_K", "auto"), ("Q2_K", "auto"), ("IQ2_XXS", "fast"), ("IQ2_XXS", "compact"), ("Q8_0", "auto")]
+BOUND = 1e-5  # float32 weights and activations vs float64
+
+
+def _w(qtype, form, device, seed=1):
+    return pack(random_blocks(qtype, (E, N, K), generator=torch.Generator().manual_seed(seed)), form).to(device)
+
+
+@pytest.mark.parametrize("qtype, form", FORMS)
+def test_matches_reference(qtype, form, device):
+    w, up = _w(qtype, form, device), _w(qtype, form, device, seed=2)
+    g = torch.Generator().manual_seed(0)
+    T, k = 3, 2
+    ids = torch.tensor([[0, 4], [4, 2], [1, 1]], dtype=torch.int32).to(device)
+    x = torch.randn(T, K, generator=g).to(device)
+    out = torch.full((T, k, N), float("nan"), device=device)
+    mul_mv_id(x, w, ids, out=out)
+    assert_rows_close(out.cpu(), mul_mm_id_ref(x, w, ids).cpu(), BOUND, f"{qtype}/{form}")
+    rw = torch.rand(T, k, generator=g).to(device)
+    fused = mul_mv_id(x, w, ids, w_up=up, route_weights=rw)
+    ref = swiglu_ref(mul_mm_id_ref(x, w, ids), mul_mm_id_ref(x, up, ids), rw.double()[:, :, None])
+    assert_rows_close(fused.cpu(), ref.cpu(), BOUND, f"{qtype}/{form} fused")
+    xp = torch.randn(T, k, K, generator=g).to(device)  # one row per pair, as down reads mid
+    assert_rows_close(mul_mv_id(xp, w, ids).cpu(), mul_mm_id_ref(xp, w, ids).cpu(), BOUND, "per pair")
+
+
+def test_bad_ids_nan_rows_or_error(device):
+    w = _w("Q4_K", "auto", device)
+    x = torch.randn(2, K).to(device)
+    big = torch.tensor([[2**32 + 1, 1], [-1, 3]], dtype=torch.int64).to(device)  # 2^32+1 must not become 1
+    with pytest.raises(ValueError, match=r"outside \[0, 5\).*token 0, slot 0"):
+        mul_mv_id(x, w, big)
+    out = mul_mv_id(x, w, big, validate=False).cpu()
+    assert torch.isnan(out[0, 0]).all() and torch.isnan(out[1, 0]).all()
+    ok = torch.tensor([[1, 1], [3, 3]], dtype=torch.int32).to(device)
+    ref = mul_mm_id_ref(x, w, ok).cpu()
+    assert_rows_close(out[:, 1], ref[:, 1], BOUND)
+
+
+@pytest.mark.parametrize(
+    "make, err, match",
+    [
+        # float ids are refused, not truncated (1.7 is not expert 1)
+        (lambda w, d: (torch.randn(2, K, device=d), w, torch.full((2, 1), 1.7, device=d)), TypeError, "int32/int64"),
+        # an rhs with K/2 columns would be read past its end
+        (lambda w, d: (torch.randn(2, K // 2, device=d), w, torch.zeros(2, 1, dtype=torch.int32, device=d)),
+         ValueError, r"must be \(2, 512\)"),
+        # a transposed (non-contiguous) rhs would be read with the wrong strides
+        (lambda w, d: (torch.randn(K, 2, device=d).T, w, torch.zeros(2, 1, dtype=torch.int32, device=d)),
+         ValueError, "contiguous"),
+        (lambda w, d: (torch.randn(2, K, device=d), w, torch.zeros(2, 0, dtype=torch.int32, device=d)),
+         ValueError, "k = 0"),
+        (lambda w, d: (torch.randn(2, K, device=d).int(), w, torch.zeros(2, 1, dtype=torch.int32, device=d)),
+         TypeError, "float32/float16/bfloat16"),
+    ],
+)
+def test_bad_inputs(make, err, match, device):
+    with pytest.raises(err, match=match):
+        mul_mv_id(*make(_w("Q2_K", "auto", device), device))
+
+
+def test_bad_out_and_fused_arguments(device):
+    w = _w("Q4_K", "auto", device)
+    x = torch.randn(3, K).to(device)
+    ids = torch.zeros(3, 2, dtype=torch.int32).to(device)
+    with pytest.raises(ValueError, match="out must be"):  # fewer rows than T*k: would be written past
+        mul_mv_id(x, w, ids, out=torch.empty(2, 2, N, device=device))
+    with pytest.raises(ValueError, match="contiguous"):
+        mul_mv_id(x, w, ids, out=torch.empty(3, N, 2, device=device).transpose(1, 2))
+    with pytest.raises(ValueError, match="route_weights"):
+        mul_mv_id(x, w, ids, w_up=w)
+    with pytest.raises(ValueError, match="w_up"):
+        mul_mv_id(x, w, ids, w_up=_w("Q2_K", "auto", device), route_weights=torch.ones(3, 2, device=device))
+    with pytest.raises(ValueError, match="only used with w_up"):
+        mul_mv_id(x, w, ids, route_weights=torch.ones(3, 2, device=device))
