@@ -38,3 +38,16 @@ run_new timeout 100 python3 -m moetile.cli.main bench --model q2 --tokens-start 
 run_old timeout 100 python3 -m moetile.cli.main bench --model q2 --tokens-start 2048 --tokens-max 8192 --step-mul 4 \
   --gen-tokens 0 --routing zipf,worst --widths 64,128,auto --no-baseline --reps 10 --csv "$out/routing_old.csv" 2>&1 | tail -18
 fi
+if [ "$part" = check ]; then  # after the last kernel change: tests, main job, routing, compact form
+run_new timeout 60 python3 benchmarks/scripts/op_timing_check.py 2>&1 | tee "$out/op_timing_check.log"
+run_new timeout 240 python3 -m pytest -q -p no:cacheprovider 2>&1 | tee "$out/tests_full.log" | tail -4
+PYTHONPATH=$site timeout 330 make run > "$out/make_run.log" 2>&1; echo "make run rc=$?"
+grep -E "audit clean|AUDIT FAILED" "$out/make_run.log"; cp -r out "$out/"
+for m in q2 q4; do
+  run_new timeout 100 python3 -m moetile.cli.main bench --model $m --tokens-start 2048 --tokens-max 8192 --step-mul 4 \
+    --gen-tokens 0 --routing uniform,zipf,worst --widths 64,128,256,auto --no-baseline --reps 10 \
+    --csv "$out/routing.csv" 2>&1 | grep -E "uniform|zipf|worst"
+done
+run_new timeout 100 python3 -m moetile.cli.main bench --model q2 --form compact --tokens-start 128 --tokens-max 8192 \
+  --step-mul 4 --gen-tokens 1 --widths 16,64,128,256,auto --reps 10 --csv "$out/layer_compact.csv" 2>&1 | tail -30
+fi

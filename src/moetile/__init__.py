@@ -16,7 +16,13 @@ _EXPORTS = {
     "dequantize": "moetile.quant",
     "quantize": "moetile.quant",
     "random_blocks": "moetile.quant",
+    "PackedTensor": "moetile.quant.pack",
+    "pack": "moetile.quant.pack",
     "mul_mm_id": "moetile.ops.mul_mm_id",
+    "mul_mv_id": "moetile.ops.mul_mv_id",
+    "DS4MoE": "moetile.moe",
+    "MoEWeights": "moetile.moe",
+    "moe_forward": "moetile.moe",
     "mul_mm_id_mapped": "moetile.ops.mul_mm_id",
 }
 
