@@ -96,3 +96,24 @@ def test_two_width_classes_cover_every_pair_once():
     assert (covered == 1).all()
     assert schedule.plan_layer(T, k, E, "Q4_K").wide == 256
     assert schedule.plan_layer(T, k, E, "Q4_K", tile=16).wide == 0  # a forced width: one class
+
+
+@pytest.mark.parametrize("E", [1, 6, 8, 256])
+@pytest.mark.parametrize("width", [16, 64, 256])
+def test_tile_list_kernel_matches_reference(E, width, device):
+    """The one-launch tile list equals the torch reference, for one class and for each class of a
+    two-width split, with empty experts, invalid ids and E + 1 not a power of two."""
+    from moetile.reference import tile_list_ref
+
+    g = torch.Generator().manual_seed(E * width)
+    T, k = 300, min(3, E)
+    ids = torch.randint(0, E, (T, k), generator=g, dtype=torch.int32)
+    ids[:5, 0] = E + 1  # invalid
+    if E > 1:
+        ids[:, 0] = torch.where(torch.rand(T, generator=g) < 0.7, 0, ids[:, 0])  # a crowded expert
+    m = schedule.build_expert_map(ids.to(device), E)
+    for lo, hi in ((0, None), (0, 2 * width + 1), (2 * width + 1, None)):
+        t = schedule.build_tiles(m, width, lo, hi)
+        e_ref, r_ref = tile_list_ref(m.counts, width, t.n_tiles, lo, hi)
+        assert torch.equal(t.expert.cpu().long(), e_ref), (lo, hi)
+        assert torch.equal(t.row.cpu().long(), r_ref), (lo, hi)

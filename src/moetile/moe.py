@@ -209,21 +209,13 @@ def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, hook=None
             mul_mm_id_mapped(xh, gate, emap, tiles, out=g)
             mul_mm_id_mapped(xh, up, emap, tiles, out=u)
         # with a fused narrow class, only the wide class's rows are in g/u: keep the others' mid
-        select = None if len(split) == len(lists) else _wide_pairs(ids, emap, plan.wide_rows)
-        swiglu_weight(g, u, rw, mid, select=select)
+        wide = None if len(split) == len(lists) else (ids, emap.counts, plan.wide_rows)
+        swiglu_weight(g, u, rw, mid, wide=wide)
     hook("gate_up")
     for tiles, _ in lists:
         mul_mm_id_mapped(mid.view(T, k, F), down, emap, tiles, out=y.view(P, H))
     hook("down")
     return y
-
-
-def _wide_pairs(ids: torch.Tensor, emap: schedule.ExpertMap, wide_rows: int) -> torch.Tensor:
-    """bool [P]: the pairs whose expert (valid id) has at least ``wide_rows`` pairs."""
-    E = emap.num_experts
-    flat = ids.reshape(-1).to(torch.int64)
-    valid = (flat >= 0) & (flat < E)
-    return valid & (emap.counts[torch.where(valid, flat, torch.full_like(flat, E))] >= wide_rows)
 
 
 def _check_x(x, H, device):

@@ -97,3 +97,21 @@ def _expert_ref(x, gate, up, down, w, round_f16):
     if round_f16:
         mid = mid.to(torch.float16).double()
     return mid @ deq(down).T
+
+
+def tile_list_ref(counts: torch.Tensor, width: int, n_tiles: int, min_rows: int = 0,
+                  max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert, first row) int64 [n_tiles] of schedule.build_tiles, in torch: experts (bins 0..E-1
+    of ``counts`` [E+1]) with ``min_rows <= count < max_rows`` cut into tiles of ``width``, in
+    order; the last bin (invalid ids) in the class from 0 rows; surplus tiles: last bin, row 2^31-1."""
+    c = counts.to(torch.int64).cpu()
+    keep = (c >= min_rows) & (c < (max_rows if max_rows is not None else 2**31 - 1))
+    keep[-1] = min_rows == 0
+    per = torch.where(keep, (c + width - 1) // width, torch.zeros_like(c))
+    expert, row = [], []
+    for e, n in enumerate(per.tolist()):
+        expert += [e] * n
+        row += [j * width for j in range(n)]
+    pad = n_tiles - len(expert)
+    assert pad >= 0, f"{len(expert)} tiles do not fit the bound {n_tiles}"
+    return torch.tensor(expert + [c.numel() - 1] * pad), torch.tensor(row + [2**31 - 1] * pad)

@@ -75,33 +75,32 @@ def build_expert_map(topk_ids: torch.Tensor, num_experts: int) -> ExpertMap:
 
 
 def build_tiles(emap: ExpertMap, width: int, min_rows: int = 0, max_rows: int | None = None) -> TileList:
-    """Tile list of ``width`` pairs per tile, sized by an upper bound (no host sync). Only experts
-    with ``min_rows <= count < max_rows`` get tiles (one width class of a two-width plan); the bin
-    of invalid ids belongs to the class that starts at 0 rows."""
+    """Tile list of ``width`` pairs per tile, sized by an upper bound (no host sync): one Triton
+    launch (kernels/tiles.py). Only experts with ``min_rows <= count < max_rows`` get tiles (one
+    width class of a two-width plan); the bin of invalid ids belongs to the class from 0 rows."""
     if width not in WIDTHS:
         raise ValueError(f"tile width must be one of {WIDTHS}, got {width}")
-    counts = emap.counts.to(torch.int64)  # [E+1]
-    if min_rows > 0 or max_rows is not None:
-        keep = counts >= min_rows
-        if max_rows is not None:
-            keep &= counts < max_rows
-        keep[-1] = min_rows == 0  # the invalid-id bin
-        counts = torch.where(keep, counts, torch.zeros_like(counts))
-    per = (counts + width - 1) // width
-    cum = torch.cumsum(per, 0)  # inclusive
-    n_bins = counts.numel()
+    n_bins = emap.counts.numel()
     # at most one partial tile per expert of the class, and at most P // min_rows experts hold
     # min_rows pairs or more: a tight bound keeps the grid of a mostly empty wide class small
     classes = n_bins if min_rows <= 0 else min(n_bins, emap.num_pairs // min_rows)
     n_tiles = -(-emap.num_pairs // width) + classes
-    i = torch.arange(n_tiles, device=counts.device)
-    e = torch.searchsorted(cum, i, right=True)  # bin whose tile range holds i; n_bins if none
-    valid = e < n_bins
-    e_c = e.clamp(max=n_bins - 1)
-    row = (i - (cum[e_c] - per[e_c])) * width
-    big = torch.iinfo(torch.int32).max
-    row = torch.where(valid, row, torch.full_like(row, big))
-    return TileList(width, e_c.to(torch.int32), row.to(torch.int32))
+    dev = emap.counts.device
+    expert = torch.empty(n_tiles, dtype=torch.int32, device=dev)
+    row = torch.empty(n_tiles, dtype=torch.int32, device=dev)
+    if n_tiles:
+        from .kernels.tiles import tile_list_kernel
+
+        block_t = 64
+        tile_list_kernel[(-(-n_tiles // block_t),)](
+            emap.counts, expert, row, n_bins, n_tiles, width, min_rows,
+            _INT32_MAX if max_rows is None else max_rows,
+            BLOCK_E=max(16, 1 << (n_bins - 1).bit_length()), BLOCK_T=block_t,
+        )
+    return TileList(width, expert, row)
+
+
+_INT32_MAX = 2**31 - 1
 
 
 # --------------------------------------------------------------------------- tile-width policy

@@ -8,13 +8,17 @@ import triton.language as tl
 
 
 @triton.jit
-def swiglu_weight_kernel(g_ptr, u_ptr, w_ptr, mid_ptr, select_ptr, F, CLAMP: tl.constexpr, SELECT: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def swiglu_weight_kernel(g_ptr, u_ptr, w_ptr, mid_ptr, ids_ptr, counts_ptr, F, num_experts, min_rows,
+                         CLAMP: tl.constexpr, SELECT: tl.constexpr, BLOCK: tl.constexpr):
     """mid[p, :] = silu(min(g, C)) * clamp(u, -C, C) * w[p], f32 in, f16 out; grid (P, cdiv(F, BLOCK)).
-    With SELECT, rows p with select[p] == 0 (bool [P]) are left as they are."""
+    With SELECT only the pairs whose expert ids[p] (int32 [P]) is valid and holds at least
+    ``min_rows`` pairs (counts int32 [E+1]) are written: the wide class of a two-width plan."""
     p = tl.program_id(0).to(tl.int64)
     if SELECT:
-        if tl.load(select_ptr + p) == 0:
+        e = tl.load(ids_ptr + p)
+        if (e < 0) | (e >= num_experts):
+            return
+        if tl.load(counts_ptr + e) < min_rows:
             return
     f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = f < F

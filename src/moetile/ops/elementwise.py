@@ -10,15 +10,17 @@ BLOCK = 1024
 
 
 def swiglu_weight(gate: torch.Tensor, up: torch.Tensor, route_weights: torch.Tensor, mid: torch.Tensor,
-                  select: torch.Tensor | None = None) -> torch.Tensor:
+                  wide: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
     """mid f16 [P, F] = silu(min(gate, 10)) * clamp(up, -10, 10) * route_weights[:, None];
-    gate/up f32 [P, F], route_weights f32 [P]. With ``select`` (bool [P]) only those rows are
-    written; the others keep what ``mid`` holds."""
+    gate/up f32 [P, F], route_weights f32 [P]. With ``wide`` = (ids int32 [P], counts int32
+    [E+1], min_rows) only the rows of pairs whose expert holds at least min_rows pairs are written;
+    the others keep what ``mid`` holds."""
     P, F = gate.shape
     if P:
-        swiglu_weight_kernel[(P, -(-F // BLOCK))](gate, up, route_weights, mid,
-                                                   select if select is not None else route_weights, F,
-                                                   CLAMP=10.0, SELECT=select is not None, BLOCK=BLOCK)
+        ids, counts, min_rows = wide if wide is not None else (route_weights, route_weights, 0)
+        swiglu_weight_kernel[(P, -(-F // BLOCK))](gate, up, route_weights, mid, ids, counts, F,
+                                                   counts.numel() - 1, min_rows, CLAMP=10.0,
+                                                   SELECT=wide is not None, BLOCK=BLOCK)
     return mid
 
 
