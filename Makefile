@@ -16,7 +16,7 @@ PY := $(VENV)/bin/python
 SETUP := $(VENV)/.installed
 endif
 
-.PHONY: run test lint clean
+.PHONY: run test lint mutation clean
 run: $(SETUP)
 	$(PY) -m moetile.cli.main run
 
@@ -24,7 +24,11 @@ test: $(SETUP)
 	$(PY) -m pytest -q
 
 lint: $(SETUP)
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests tools
+
+# plant kernel bugs in a copy of the project and check the tests catch each one (a few minutes)
+mutation: $(SETUP)
+	$(PY) tools/mutation_check.py
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -15,12 +15,12 @@ def test_expert_map_counts_offsets_and_order():
 
 
 @pytest.mark.parametrize("width", schedule.WIDTHS)
-def test_tiles_cover_every_pair_exactly_once(width):
+def test_tiles_cover_every_pair_exactly_once(width, device):
     g = torch.Generator().manual_seed(width)
     E = 9
     ids = torch.randint(0, E, (301, 3), generator=g, dtype=torch.int32)
     ids[:150, 0] = 4  # one hot expert
-    m = schedule.build_expert_map(ids, E)
+    m = schedule.build_expert_map(ids.to(device), E)
     t = schedule.build_tiles(m, width)
     assert t.n_tiles == -(-ids.numel() // width) + E + 1
     covered = torch.zeros(ids.numel(), dtype=torch.int64)
@@ -29,7 +29,7 @@ def test_tiles_cover_every_pair_exactly_once(width):
         if r >= cnt:
             continue
         start = m.offsets[e].item()
-        covered[m.sorted_pairs[start + r : start + min(r + width, cnt)].long()] += 1
+        covered[m.sorted_pairs[start + r : start + min(r + width, cnt)].long().cpu()] += 1
     assert (covered == 1).all()
 
 
@@ -74,7 +74,7 @@ def test_mm_config_matches_width_and_divides_n(form, width):
     assert not schedule.mm_config(width, 64, form, interpreter=True).asm
 
 
-def test_two_width_classes_cover_every_pair_once():
+def test_two_width_classes_cover_every_pair_once(device):
     """The narrow and the wide tile lists of a two-width plan split the experts by row count; every
     pair (invalid ids included, in the narrow class) is in exactly one tile of one list."""
     g = torch.Generator().manual_seed(0)
@@ -82,7 +82,7 @@ def test_two_width_classes_cover_every_pair_once():
     ids = torch.randint(0, E, (T, k), generator=g, dtype=torch.int32)
     ids[:, 0] = 2  # 300+ rows on expert 2
     ids[:7, 1] = E + 3  # invalid ids
-    m = schedule.build_expert_map(ids, E)
+    m = schedule.build_expert_map(ids.to(device), E)
     plan = schedule.LayerPlan("prefill", 16, "split", wide=256, wide_rows=33)
     covered = torch.zeros(ids.numel(), dtype=torch.int64)
     for tiles, _ in plan.tile_lists(m):
@@ -92,7 +92,7 @@ def test_two_width_classes_cover_every_pair_once():
                 continue
             assert (cnt >= 33) == (tiles.width == 256) or e == E
             start = m.offsets[e].item()
-            covered[m.sorted_pairs[start + r : start + min(r + tiles.width, cnt)].long()] += 1
+            covered[m.sorted_pairs[start + r : start + min(r + tiles.width, cnt)].long().cpu()] += 1
     assert (covered == 1).all()
     assert schedule.plan_layer(T, k, E, "Q4_K").wide == 256
     assert schedule.plan_layer(T, k, E, "Q4_K", tile=16).wide == 0  # a forced width: one class

@@ -86,6 +86,13 @@ def build_tiles(emap: ExpertMap, width: int, min_rows: int = 0, max_rows: int | 
     classes = n_bins if min_rows <= 0 else min(n_bins, emap.num_pairs // min_rows)
     n_tiles = -(-emap.num_pairs // width) + classes
     dev = emap.counts.device
+    from .ops._launch import use_kernel
+
+    if not use_kernel(dev, "build_tiles"):
+        from .reference import tile_list_ref
+
+        expert, row = tile_list_ref(emap.counts, width, n_tiles, min_rows, max_rows)
+        return TileList(width, expert.to(torch.int32), row.to(torch.int32))
     expert = torch.empty(n_tiles, dtype=torch.int32, device=dev)
     row = torch.empty(n_tiles, dtype=torch.int32, device=dev)
     if n_tiles:
