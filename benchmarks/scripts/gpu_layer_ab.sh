@@ -39,7 +39,8 @@ run_old timeout 100 python3 -m moetile.cli.main bench --model q2 --tokens-start 
   --gen-tokens 0 --routing zipf,worst --widths 64,128,auto --no-baseline --reps 10 --csv "$out/routing_old.csv" 2>&1 | tail -18
 fi
 if [ "$part" = check ]; then  # after the last kernel change: tests, main job, routing, compact form
-run_new timeout 60 python3 benchmarks/scripts/op_timing_check.py 2>&1 | tee "$out/op_timing_check.log"
+run_new timeout 100 python3 -m moetile.cli.main bench-ops --tokens 128,512,2048,8192 --widths 16,64,128,256 --reps 10 \
+  --csv "$out/ops_new.csv" 2>&1 | tail -75
 run_new timeout 240 python3 -m pytest -q -p no:cacheprovider 2>&1 | tee "$out/tests_full.log" | tail -4
 PYTHONPATH=$site timeout 330 make run > "$out/make_run.log" 2>&1; echo "make run rc=$?"
 grep -E "audit clean|AUDIT FAILED" "$out/make_run.log"; cp -r out "$out/"
