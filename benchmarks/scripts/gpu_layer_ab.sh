@@ -52,3 +52,16 @@ done
 run_new timeout 100 python3 -m moetile.cli.main bench --model q2 --form compact --tokens-start 128 --tokens-max 8192 \
   --step-mul 4 --gen-tokens 1 --widths 16,64,128,256,auto --reps 10 --csv "$out/layer_compact.csv" 2>&1 | tail -30
 fi
+if [ "$part" = ab ]; then  # the before/after tables of BENCHMARKS.md: both trees in one run
+run_new timeout 90 python3 -m moetile.cli.main bench-ops --tokens 128,512,2048,8192 --widths 16,64,128,256 --reps 10 \
+  --csv "$out/ops_new.csv" > "$out/ops_new.log" 2>&1
+run_old timeout 120 python3 -m moetile.cli.main bench-ops --tokens 128,512,2048,8192 --widths 16,32,64,128 --reps 10 \
+  --csv "$out/ops_old.csv" > "$out/ops_old.log" 2>&1
+for m in q2 q4; do
+  run_new timeout 100 python3 -m moetile.cli.main bench --model $m --tokens-start 128 --tokens-max 8192 --step-mul 4 \
+    --gen-tokens 1 --widths 16,64,256,auto --reps 10 --csv "$out/layer_new.csv" > "$out/layer_new_$m.log" 2>&1
+  run_old timeout 150 python3 -m moetile.cli.main bench --model $m --tokens-start 128 --tokens-max 8192 --step-mul 4 \
+    --gen-tokens 1 --widths 32,64,128,auto --no-baseline --reps 10 --csv "$out/layer_old.csv" > "$out/layer_old_$m.log" 2>&1
+done
+echo ab done
+fi
