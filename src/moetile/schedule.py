@@ -205,11 +205,24 @@ def form_key(w) -> str:
     return w.qtype if w.form == "planar" else f"{w.qtype}/{w.form}"
 
 
-def mv_blocks(interpreter: bool) -> tuple[int, int]:
-    """(rows per program, weights per K step) of the decode mat-vec: 16 rows on the GPU (few
-    pairs, so many small programs fill the SMs); 64 under Triton's interpreter, whose cost is per
-    program. K steps of one super-block (256)."""
-    return (64 if interpreter else 16), 256
+@dataclass(frozen=True)
+class MVConfig:
+    """Launch shape of the decode mat-vec: weight rows per program, weights per K step, warps."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+
+
+def mv_config(interpreter: bool) -> MVConfig:
+    """Decode mat-vec shape: 16 rows per program on the GPU (few pairs, so many small programs
+    fill the SMs), 64 under Triton's interpreter, whose cost is per program."""
+    if interpreter:
+        return MVConfig(64, 256, 2)
+    return MVConfig(*_MV_SHAPE)
+
+
+_MV_SHAPE = (16, 256, 2)
 
 
 # --------------------------------------------------------------------------- layer plan

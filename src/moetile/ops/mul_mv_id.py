@@ -66,9 +66,11 @@ def mul_mv_id(
 
 
 def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int, out: torch.Tensor, *,
-              w_up: PackedTensor | None = None, route_weights: torch.Tensor | None = None) -> torch.Tensor:
+              w_up: PackedTensor | None = None, route_weights: torch.Tensor | None = None,
+              config: schedule.MVConfig | None = None) -> torch.Tensor:
     """Launch over checked inputs: rhs [T, K] or [T, k, K] contiguous, ids int32 [P] (bad ids
-    already -1), out f32 [P, N] contiguous, route_weights f32 [P] when fused."""
+    already -1), out f32 [P, N] contiguous, route_weights f32 [P] when fused. ``config``
+    overrides schedule.mv_config (A/B runs)."""
     E, N, K = w.shape
     P = ids.numel()
     if P == 0:
@@ -78,8 +80,8 @@ def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int,
     fused = w_up is not None
     planes = kernel_planes(w)
     table = tables_for(w, w.device)
-    block_n, block_k = schedule.mv_blocks(interpreted())
-    grid = (-(-N // block_n), P)
+    cfg = config or schedule.mv_config(interpreted())
+    grid = (-(-N // cfg.block_n), P)
     mul_mv_id_kernel[grid](
         *planes,
         *(kernel_planes(w_up) if fused else planes),
@@ -97,8 +99,8 @@ def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int,
         RHS_PER_PAIR=per_pair,
         FUSE_SWIGLU=fused,
         CLAMP=10.0,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=2,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
     )
     return out
