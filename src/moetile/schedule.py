@@ -215,14 +215,15 @@ class MVConfig:
 
 
 def mv_config(interpreter: bool) -> MVConfig:
-    """Decode mat-vec shape: 16 rows per program on the GPU (few pairs, so many small programs
-    fill the SMs), 64 under Triton's interpreter, whose cost is per program."""
+    """Decode mat-vec shape: 8 rows per program on the GPU (few pairs, so many small programs
+    fill the SMs; the best of 27 shapes on the H100, BENCHMARKS §8), 64 under Triton's
+    interpreter, whose cost is per program."""
     if interpreter:
         return MVConfig(64, 256, 2)
     return MVConfig(*_MV_SHAPE)
 
 
-_MV_SHAPE = (16, 256, 2)
+_MV_SHAPE = (8, 256, 2)
 
 
 # --------------------------------------------------------------------------- layer plan
