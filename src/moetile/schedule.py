@@ -207,11 +207,13 @@ def form_key(w) -> str:
 
 @dataclass(frozen=True)
 class MVConfig:
-    """Launch shape of the decode mat-vec: weight rows per program, weights per K step, warps."""
+    """Launch shape of the decode mat-vec: weight rows per program, weights per K step, warps, and
+    ``asm``: PTX decoders (GPU) or their plain-tl twins (interpreter, tests)."""
 
     block_n: int
     block_k: int
     num_warps: int
+    asm: bool = True
 
 
 def mv_config(interpreter: bool) -> MVConfig:
@@ -219,8 +221,8 @@ def mv_config(interpreter: bool) -> MVConfig:
     fill the SMs; the best of 27 shapes on the H100, BENCHMARKS §8), 64 under Triton's
     interpreter, whose cost is per program."""
     if interpreter:
-        return MVConfig(64, 256, 2)
-    return MVConfig(*_MV_SHAPE)
+        return MVConfig(64, 256, 2, asm=False)
+    return MVConfig(*_MV_SHAPE, asm=True)
 
 
 _MV_SHAPE = (8, 256, 2)

@@ -99,10 +99,13 @@ def test_twin_decoder_is_exact(qtype, form, offs, bk, helpers, device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("qtype, form, offs", FORMS, ids=lambda v: str(v))
 def test_asm_decoder_matches_twin_gpu(qtype, form, offs, helpers):
-    """The PTX decoders give the bits of their plain-tl twins (and of f16(dequantize()))."""
+    """The PTX decoders give the bits of their plain-tl twins (and of f16(dequantize()), or of
+    dequantize() for the float32 ones)."""
     for seed in range(3):
         qt = _blocks(qtype, 96, 4096, offs, 100 + seed, helpers, "cuda")
         p = pack(qt, form)
-        twin = decode_all(p, True, False)
-        _same_bits(decode_all(p, True, True), twin, f"{qtype}/{p.form} asm vs twin, seed {seed}")
-        _same_bits(twin, qt.dequantize().half(), f"{qtype}/{p.form} twin vs dequantize, seed {seed}")
+        ref = qt.dequantize()
+        for f16 in (True, False):  # f16 tiles (tensor cores), exact f32 tiles (mat-vec)
+            twin = decode_all(p, f16, False)
+            _same_bits(decode_all(p, f16, True), twin, f"{qtype}/{p.form} f16={f16} asm vs twin, seed {seed}")
+            _same_bits(twin, ref.half() if f16 else ref, f"{qtype}/{p.form} f16={f16} twin vs dequantize")

@@ -39,65 +39,47 @@ IQ2_COMPACT = tl.constexpr(17)
 
 
 # --------------------------------------------------------------------------- PTX decoders (one word per call)
-@triton.jit
-def _asm_u4_word(c, s, nm):
-    """i32 word of eight 4-bit codes (nibble j = weight j) to eight f16 RN((s*q) + nm), f32 math:
-    each nibble is OR-ed into the mantissa of a power of two whose unit is 1, one sub gives q."""
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 w, t0, t1, t2, t3, t4, t5, t6, t7;
-        shr.b32 w, $8, 16;
-        lop3.b32 t0, $8, 0x0000000f, 0x4b000000, 0xea;
-        lop3.b32 t1, $8, 0x000000f0, 0x49000000, 0xea;
-        lop3.b32 t2, $8, 0x00000f00, 0x47000000, 0xea;
-        lop3.b32 t3, $8, 0x0000f000, 0x45000000, 0xea;
-        lop3.b32 t4, w, 0x0000000f, 0x4b000000, 0xea;
-        lop3.b32 t5, w, 0x000000f0, 0x49000000, 0xea;
-        lop3.b32 t6, w, 0x00000f00, 0x47000000, 0xea;
-        lop3.b32 t7, w, 0x0000f000, 0x45000000, 0xea;
-        sub.f32 t0, t0, 0f4B000000; sub.f32 t1, t1, 0f49000000;
-        sub.f32 t2, t2, 0f47000000; sub.f32 t3, t3, 0f45000000;
-        sub.f32 t4, t4, 0f4B000000; sub.f32 t5, t5, 0f49000000;
-        sub.f32 t6, t6, 0f47000000; sub.f32 t7, t7, 0f45000000;
-        fma.rn.f32 t0, t0, $9, $10; fma.rn.f32 t1, t1, $9, $10;
-        fma.rn.f32 t2, t2, $9, $10; fma.rn.f32 t3, t3, $9, $10;
-        fma.rn.f32 t4, t4, $9, $10; fma.rn.f32 t5, t5, $9, $10;
-        fma.rn.f32 t6, t6, $9, $10; fma.rn.f32 t7, t7, $9, $10;
-        cvt.rn.f16.f32 $0, t0; cvt.rn.f16.f32 $1, t1; cvt.rn.f16.f32 $2, t2; cvt.rn.f16.f32 $3, t3;
-        cvt.rn.f16.f32 $4, t4; cvt.rn.f16.f32 $5, t5; cvt.rn.f16.f32 $6, t6; cvt.rn.f16.f32 $7, t7;
-        }""",
-        constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
-        args=[c, s, nm], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+def _affine_ptx(bits: int, f32: bool) -> str:
+    """PTX of a K-quant word decoder: 8 codes of ``bits`` bits (input $8: an i32 word of nibbles or
+    an i16 of 2-bit fields, weight j at bit bits*j), $9 = d*sc, $10 = -dmin*m (f32) -> $0..$7 =
+    (d*sc)*q - dmin*m in f32 (one rounding, as gguf), stored as f32 or rounded once to f16. Each
+    code is OR-ed into the mantissa of a power of two whose unit is 1 (mask and exponent are
+    immediates of one lop3), and one sub of that power gives q."""
+    lines = ["{", ".reg .b32 w, t0, t1, t2, t3, t4, t5, t6, t7;"]
+    lines.append("shr.b32 w, $8, 16;" if bits == 4 else "cvt.u32.u16 w, $8;")
+    for j in range(8):
+        src = ("$8" if j < 4 else "w") if bits == 4 else "w"
+        pos = bits * (j % 4) if bits == 4 else bits * j
+        expo = (150 - pos) << 23
+        mask = ((1 << bits) - 1) << pos
+        lines.append(f"lop3.b32 t{j}, {src}, 0x{mask:08x}, 0x{expo:08x}, 0xea;")
+        lines.append(f"sub.f32 t{j}, t{j}, 0f{expo:08X};")
+        lines.append(f"fma.rn.f32 t{j}, t{j}, $9, $10;")
+    for j in range(8):
+        lines.append(f"mov.b32 ${j}, t{j};" if f32 else f"cvt.rn.f16.f32 ${j}, t{j};")
+    return "\n".join(lines + ["}"])
+
+
+_U4_F16 = tl.constexpr(_affine_ptx(4, False))
+_U4_F32 = tl.constexpr(_affine_ptx(4, True))
+_U2_F16 = tl.constexpr(_affine_ptx(2, False))
+_U2_F32 = tl.constexpr(_affine_ptx(2, True))
 
 
 @triton.jit
-def _asm_u2_half(c, s, nm):
-    """i16 of eight 2-bit codes (bits 2j = weight j) to eight f16 RN((s*q) + nm), f32 math as above."""
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 w, t0, t1, t2, t3, t4, t5, t6, t7;
-        cvt.u32.u16 w, $8;
-        lop3.b32 t0, w, 0x00000003, 0x4b000000, 0xea;
-        lop3.b32 t1, w, 0x0000000c, 0x4a000000, 0xea;
-        lop3.b32 t2, w, 0x00000030, 0x49000000, 0xea;
-        lop3.b32 t3, w, 0x000000c0, 0x48000000, 0xea;
-        lop3.b32 t4, w, 0x00000300, 0x47000000, 0xea;
-        lop3.b32 t5, w, 0x00000c00, 0x46000000, 0xea;
-        lop3.b32 t6, w, 0x00003000, 0x45000000, 0xea;
-        lop3.b32 t7, w, 0x0000c000, 0x44000000, 0xea;
-        sub.f32 t0, t0, 0f4B000000; sub.f32 t1, t1, 0f4A000000;
-        sub.f32 t2, t2, 0f49000000; sub.f32 t3, t3, 0f48000000;
-        sub.f32 t4, t4, 0f47000000; sub.f32 t5, t5, 0f46000000;
-        sub.f32 t6, t6, 0f45000000; sub.f32 t7, t7, 0f44000000;
-        fma.rn.f32 t0, t0, $9, $10; fma.rn.f32 t1, t1, $9, $10;
-        fma.rn.f32 t2, t2, $9, $10; fma.rn.f32 t3, t3, $9, $10;
-        fma.rn.f32 t4, t4, $9, $10; fma.rn.f32 t5, t5, $9, $10;
-        fma.rn.f32 t6, t6, $9, $10; fma.rn.f32 t7, t7, $9, $10;
-        cvt.rn.f16.f32 $0, t0; cvt.rn.f16.f32 $1, t1; cvt.rn.f16.f32 $2, t2; cvt.rn.f16.f32 $3, t3;
-        cvt.rn.f16.f32 $4, t4; cvt.rn.f16.f32 $5, t5; cvt.rn.f16.f32 $6, t6; cvt.rn.f16.f32 $7, t7;
-        }""",
-        constraints="=h,=h,=h,=h,=h,=h,=h,=h,h,r,r",
-        args=[c, s, nm], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+def _asm_affine(c, s, nm, BITS: tl.constexpr, F16: tl.constexpr):
+    """The K-quant word decoders (``_affine_ptx``): eight outputs, weight j of each word."""
+    if BITS == 4:
+        if F16:
+            return tl.inline_asm_elementwise(asm=_U4_F16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
+                                             args=[c, s, nm], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(asm=_U4_F32, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r,r",
+                                         args=[c, s, nm], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    if F16:
+        return tl.inline_asm_elementwise(asm=_U2_F16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,h,r,r",
+                                         args=[c, s, nm], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(asm=_U2_F32, constraints="=r,=r,=r,=r,=r,=r,=r,=r,h,r,r",
+                                     args=[c, s, nm], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -161,6 +143,63 @@ def _asm_i8_word(c, d):
         }""",
         constraints="=h,=h,=h,=h,r,h",
         args=[c, d], dtype=(tl.float16,) * 4, is_pure=True, pack=1)
+
+
+@triton.jit
+def _asm_iq2_word_f32(sel, scd):
+    """As _asm_iq2_word, to float32: the f16 lookups of ±8/25/43 widened exactly, times
+    scd = (2s+1)/8 * d (f32, exact), one exact product (<= 22 bits)."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 la, ha, lb, hb, w, TL, TH0, TH1, r0, r1, r2, r3;
+        .reg .b16 h0, h1, h2, h3, h4, h5, h6, h7;
+        mov.b32 TL, 0x00604000;
+        mov.b32 TH0, 0x00514E48;
+        mov.b32 TH1, 0x00D1CEC8;
+        prmt.b32 la, TL, TL, $8;
+        prmt.b32 ha, TH0, TH1, $8;
+        shr.b32 w, $8, 16;
+        prmt.b32 lb, TL, TL, w;
+        prmt.b32 hb, TH0, TH1, w;
+        prmt.b32 r0, la, ha, 0x5140;
+        prmt.b32 r1, la, ha, 0x7362;
+        prmt.b32 r2, lb, hb, 0x5140;
+        prmt.b32 r3, lb, hb, 0x7362;
+        mov.b32 {h0, h1}, r0;
+        mov.b32 {h2, h3}, r1;
+        mov.b32 {h4, h5}, r2;
+        mov.b32 {h6, h7}, r3;
+        cvt.f32.f16 $0, h0; cvt.f32.f16 $1, h1; cvt.f32.f16 $2, h2; cvt.f32.f16 $3, h3;
+        cvt.f32.f16 $4, h4; cvt.f32.f16 $5, h5; cvt.f32.f16 $6, h6; cvt.f32.f16 $7, h7;
+        mul.rn.f32 $0, $0, $9; mul.rn.f32 $1, $1, $9; mul.rn.f32 $2, $2, $9; mul.rn.f32 $3, $3, $9;
+        mul.rn.f32 $4, $4, $9; mul.rn.f32 $5, $5, $9; mul.rn.f32 $6, $6, $9; mul.rn.f32 $7, $7, $9;
+        }""",
+        constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r",
+        args=[sel, scd], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
+def _asm_i8_word_f32(c, d):
+    """int32 word of four int8 codes to four f32 q * d (exact): q exact in f16 as in _asm_i8_word,
+    widened, times d."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, r0, r1, H, B;
+        .reg .b16 h0, h1, h2, h3;
+        mov.b32 H, 0x64646464;
+        mov.b32 B, 0x64806480;
+        xor.b32 t, $4, 0x80808080;
+        prmt.b32 r0, t, H, 0x4140;
+        prmt.b32 r1, t, H, 0x4342;
+        sub.f16x2 r0, r0, B;
+        sub.f16x2 r1, r1, B;
+        mov.b32 {h0, h1}, r0;
+        mov.b32 {h2, h3}, r1;
+        cvt.f32.f16 $0, h0; cvt.f32.f16 $1, h1; cvt.f32.f16 $2, h2; cvt.f32.f16 $3, h3;
+        mul.rn.f32 $0, $0, $5; mul.rn.f32 $1, $1, $5; mul.rn.f32 $2, $2, $5; mul.rn.f32 $3, $3, $5;
+        }""",
+        constraints="=r,=r,=r,=r,r,r",
+        args=[c, d], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
 
 
 # --------------------------------------------------------------------------- plain-tl twins
@@ -254,12 +293,9 @@ def _affine(c, s, nm, BITS: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr, 
             G: tl.constexpr, W: tl.constexpr):
     """K-quant weights s*q + nm (s = d*sc, nm = -dmin*m, f32 [BN, G, 1]) of the BITS-bit codes c
     [BN, G, W]: [BN, G, W, 8], f16 or f32."""
-    if F16 and ASM:
+    if ASM:
         sb, nb = tl.broadcast_to(s, (BN, G, W)), tl.broadcast_to(nm, (BN, G, W))
-        if BITS == 4:
-            w0, w1, w2, w3, w4, w5, w6, w7 = _asm_u4_word(c, sb, nb)
-        else:
-            w0, w1, w2, w3, w4, w5, w6, w7 = _asm_u2_half(c, sb, nb)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _asm_affine(c, sb, nb, BITS, F16)
         w = join8(w0, w1, w2, w3, w4, w5, w6, w7)
     else:
         w = s[:, :, :, None] * _fields(c, BITS, 8).to(tl.float32) + nm[:, :, :, None]
@@ -276,6 +312,9 @@ def _iq2_words(sel, sc8, d, F16: tl.constexpr, ASM: tl.constexpr, BN: tl.constex
         sb = tl.broadcast_to(sc8.to(tl.float16), (BN, G, 4))
         db = tl.broadcast_to(d.to(tl.float16), (BN, G, 4))
         w0, w1, w2, w3, w4, w5, w6, w7 = _asm_iq2_word(sel, sb, db)
+        w = join8(w0, w1, w2, w3, w4, w5, w6, w7)
+    elif ASM:
+        w0, w1, w2, w3, w4, w5, w6, w7 = _asm_iq2_word_f32(sel, tl.broadcast_to(sc8 * d, (BN, G, 4)))
         w = join8(w0, w1, w2, w3, w4, w5, w6, w7)
     else:
         w = _iq2_value(_fields(sel, 4, 8), sc8[:, :, :, None], d[:, :, :, None])
@@ -319,6 +358,9 @@ def decode_raw(c, a, b, tables_ptr, FORM: tl.constexpr, F16: tl.constexpr, ASM: 
     else:  # Q8_0, a: f16 d per group
         if F16 and ASM:
             o0, o1, o2, o3 = _asm_i8_word(c, tl.broadcast_to(a, (BN, BK // 32, 8)))
+            w = join4(o0, o1, o2, o3)
+        elif ASM:
+            o0, o1, o2, o3 = _asm_i8_word_f32(c, tl.broadcast_to(a.to(tl.float32), (BN, BK // 32, 8)))
             w = join4(o0, o1, o2, o3)
         else:
             q = (_fields(c, 8, 4) ^ 128) - 128  # signed bytes

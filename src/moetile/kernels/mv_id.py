@@ -1,9 +1,10 @@
 """Decode path: quantized expert mat-vec per (token, slot) pair (ds4's mul_mv_id), float32.
 
 One program computes BLOCK_N output rows of one pair: out[p, n] = sum_K W[e][n] * rhs(p) with
-the exact float32 weights of the packed form (kernels/decode.py) and float32 activations (no f16
-rounding, as ds4's Metal decode). With FUSE_SWIGLU it computes gate and up of the same rows and
-writes mid = silu(min(g, C)) * clamp(u, -C, C) * route_w (float32).
+the exact float32 weights of the packed form (kernels/decode.py; PTX decoders when ASM, their
+plain-tl twins otherwise) and float32 activations (no f16 rounding, as ds4's Metal decode).
+With FUSE_SWIGLU it computes gate and up of the same rows and writes
+mid = silu(min(g, C)) * clamp(u, -C, C) * route_w (float32).
 
 Letters: P = T*k pairs (p = t*k + s), N output rows, K inputs.
 """
@@ -29,6 +30,7 @@ def mul_mv_id_kernel(
     TOPK,
     NUM_EXPERTS,
     FORM: tl.constexpr,
+    ASM: tl.constexpr,
     RHS_PER_PAIR: tl.constexpr,
     FUSE_SWIGLU: tl.constexpr,
     CLAMP: tl.constexpr,
@@ -53,9 +55,9 @@ def mul_mv_id_kernel(
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(rhs_row + k0 + kk).to(tl.float32)[None, :]  # [1, BLOCK_K]
-        acc += weight_tile(w0, w1, w2, tables_ptr, r, k0, K, FORM, False, False, BLOCK_N, BLOCK_K) * x
+        acc += weight_tile(w0, w1, w2, tables_ptr, r, k0, K, FORM, False, ASM, BLOCK_N, BLOCK_K) * x
         if FUSE_SWIGLU:
-            acc2 += weight_tile(u0, u1, u2, tables_ptr, r, k0, K, FORM, False, False, BLOCK_N, BLOCK_K) * x
+            acc2 += weight_tile(u0, u1, u2, tables_ptr, r, k0, K, FORM, False, ASM, BLOCK_N, BLOCK_K) * x
     y = tl.sum(acc, axis=1)
     if FUSE_SWIGLU:
         g = tl.minimum(y, CLAMP)
