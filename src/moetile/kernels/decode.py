@@ -68,18 +68,23 @@ _U2_F32 = tl.constexpr(_affine_ptx(2, True))
 
 @triton.jit
 def _asm_affine(c, s, nm, BITS: tl.constexpr, F16: tl.constexpr):
-    """The K-quant word decoders (``_affine_ptx``): eight outputs, weight j of each word."""
+    """The K-quant word decoders (``_affine_ptx``): eight outputs, weight j of each word. (One return:
+    Triton checks the types of every return, taken branch or not.)"""
     if BITS == 4:
         if F16:
-            return tl.inline_asm_elementwise(asm=_U4_F16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
-                                             args=[c, s, nm], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-        return tl.inline_asm_elementwise(asm=_U4_F32, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r,r",
-                                         args=[c, s, nm], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-    if F16:
-        return tl.inline_asm_elementwise(asm=_U2_F16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,h,r,r",
-                                         args=[c, s, nm], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-    return tl.inline_asm_elementwise(asm=_U2_F32, constraints="=r,=r,=r,=r,=r,=r,=r,=r,h,r,r",
-                                     args=[c, s, nm], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+            w = tl.inline_asm_elementwise(asm=_U4_F16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
+                                          args=[c, s, nm], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        else:
+            w = tl.inline_asm_elementwise(asm=_U4_F32, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r,r",
+                                          args=[c, s, nm], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+        if F16:
+            w = tl.inline_asm_elementwise(asm=_U2_F16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,h,r,r",
+                                          args=[c, s, nm], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        else:
+            w = tl.inline_asm_elementwise(asm=_U2_F32, constraints="=r,=r,=r,=r,=r,=r,=r,=r,h,r,r",
+                                          args=[c, s, nm], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    return w
 
 
 @triton.jit

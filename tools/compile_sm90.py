@@ -1,0 +1,80 @@
+"""Compile every kernel variant with the PTX decoders on (the GPU path) for sm_90, without a GPU:
+Triton's own ptxas checks the inline PTX, the types of every branch and the resources, so a
+decoder that only the GPU would run cannot break unseen in CI. Prints one line per failure.
+
+    python3 tools/compile_sm90.py        # exit 1 on any failure; must run without TRITON_INTERPRET
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("tools/compile_sm90.py compiles for the GPU: run it without TRITON_INTERPRET=1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from moetile import schedule  # noqa: E402
+from moetile.kernels.mm_id import mul_mm_id_kernel  # noqa: E402
+from moetile.kernels.mv_id import mul_mv_id_kernel  # noqa: E402
+
+# form id -> (policy key, plane pointer types in ops/_launch.kernel_planes views)
+FORMS = {12: ("Q4_K", ("*i32", "*i16", "*i32")), 10: ("Q2_K", ("*i16", "*u8", "*i32")),
+         16: ("IQ2_XXS/fast", ("*i32", "*u8", "*fp16")), 17: ("IQ2_XXS/compact", ("*u8", "*i32", "*fp16")),
+         8: ("Q8_0", ("*i32", "*fp16", "*fp16"))}
+INTS = {"N", "K", "rhs_stride", "TOPK", "NUM_EXPERTS"}
+
+
+def _compile(fn, sig, consts, warps, stages):
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
+             if t.startswith("*") or n in {"N", "K", "rhs_stride", "NUM_EXPERTS"}}
+    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts, attrs=attrs)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def _planes(p):
+    return {"w0": p[0], "w1": p[1], "w2": p[2], "u0": p[0], "u1": p[1], "u2": p[2], "tables_ptr": "*i32"}
+
+
+def variants():
+    """(name, thunk) for every mm shape the policy picks (per form, width, fused) and the mat-vec."""
+    for form, (key, p) in FORMS.items():
+        for width in schedule.WIDTHS:
+            for fused in (False, True):
+                cfg = schedule.mm_config(width, 4096, key, fused=fused)
+                sig = {**_planes(p), "rhs_ptr": "*fp16", "route_w_ptr": "*fp32",
+                       "out_ptr": "*fp16" if fused else "*fp32", "sorted_pairs_ptr": "*i32", "offsets_ptr": "*i32",
+                       "tile_expert_ptr": "*i32", "tile_row_ptr": "*i32", **{n: "i32" for n in sorted(INTS)}}
+                sig = {k: sig[k] for k in mul_mm_id_kernel.arg_names if k in sig}
+                consts = dict(FORM=form, ASM=True, RHS_PER_PAIR=not fused, FUSE_SWIGLU=fused, CLAMP=10.0,
+                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+                yield (f"mul_mm_id {key} w={width} fused={fused}",
+                       lambda s=sig, c=consts, g=cfg: _compile(mul_mm_id_kernel, s, c, g.num_warps, g.num_stages))
+        for fused in (False, True):
+            cfg = schedule.mv_config(interpreter=False)
+            sig = {**_planes(p), "rhs_ptr": "*fp32", "ids_ptr": "*i32", "route_w_ptr": "*fp32", "out_ptr": "*fp32",
+                   **{n: "i32" for n in sorted(INTS)}}
+            sig = {k: sig[k] for k in mul_mv_id_kernel.arg_names if k in sig}
+            consts = dict(FORM=form, ASM=cfg.asm, RHS_PER_PAIR=not fused, FUSE_SWIGLU=fused, CLAMP=10.0,
+                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+            yield (f"mul_mv_id {key} fused={fused}",
+                   lambda s=sig, c=consts, g=cfg: _compile(mul_mv_id_kernel, s, c, g.num_warps, 2))
+
+
+def main() -> int:
+    failed = 0
+    for name, build in variants():
+        try:
+            build()
+        except Exception as e:  # report every variant, not just the first
+            failed += 1
+            print(f"FAILED {name}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}")
+    print(f"compiled for sm_90: {failed} failure(s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
