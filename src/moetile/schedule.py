@@ -218,14 +218,14 @@ class MVConfig:
 
 def mv_config(interpreter: bool) -> MVConfig:
     """Decode mat-vec shape: 8 rows per program on the GPU (few pairs, so many small programs
-    fill the SMs; the best of 27 shapes on the H100, BENCHMARKS §8), 64 under Triton's
+    fill the SMs; near the best of 27 shapes for every form on the H100, BENCHMARKS §8), 64 under Triton's
     interpreter, whose cost is per program."""
     if interpreter:
         return MVConfig(64, 256, 2, asm=False)
     return MVConfig(*_MV_SHAPE, asm=True)
 
 
-_MV_SHAPE = (8, 256, 2)
+_MV_SHAPE = (8, 128, 1)
 
 
 # --------------------------------------------------------------------------- layer plan
