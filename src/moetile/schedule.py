@@ -217,15 +217,16 @@ class MVConfig:
 
 
 def mv_config(interpreter: bool) -> MVConfig:
-    """Decode mat-vec shape: 8 rows per program on the GPU (few pairs, so many small programs
-    fill the SMs; near the best of 27 shapes for every form on the H100, BENCHMARKS §8), 64 under Triton's
-    interpreter, whose cost is per program."""
+    """Decode mat-vec shape: 16 rows per program on the GPU (few pairs, so many small programs fill
+    the SMs; BENCHMARKS §8), 64 under Triton's interpreter, whose cost is per program. Fewer than
+    16 rows with the PTX decoders gave wrong values for the word decoders on the H100 (Triton 3.6:
+    benchmarks/h100-2026-11-26/mv_config_check.log), so launch_mv refuses them."""
     if interpreter:
         return MVConfig(64, 256, 2, asm=False)
     return MVConfig(*_MV_SHAPE, asm=True)
 
 
-_MV_SHAPE = (8, 128, 1)
+_MV_SHAPE = (16, 128, 2)
 
 
 # --------------------------------------------------------------------------- layer plan

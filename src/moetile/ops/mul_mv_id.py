@@ -81,6 +81,8 @@ def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int,
     planes = kernel_planes(w)
     table = tables_for(w, w.device)
     cfg = config or schedule.mv_config(interpreted())
+    if cfg.asm and cfg.block_n < 16:
+        raise ValueError(f"mat-vec with PTX decoders needs block_n >= 16 (8 computed wrong values), got {cfg}")
     grid = (-(-N // cfg.block_n), P)
     mul_mv_id_kernel[grid](
         *planes,
