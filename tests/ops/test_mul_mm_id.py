@@ -177,6 +177,29 @@ def test_prebuilt_map_reused_across_calls(device):
         assert_rows_close(out.view(T, k, N).cpu(), mul_mm_id_ref(x, w, ids, round_f16=True).cpu(), BOUND_F16)
 
 
+def test_mapped_launch_checks_its_arguments(device):
+    """The low-level launch is public too: a short or wrong-dtype out, an rhs of another K, route
+    weights of the wrong length or a map of another expert count raise before any kernel runs."""
+    w = _weights("Q4_K", device)
+    T, k = 6, 2
+    ids = torch.zeros(T, k, dtype=torch.int32, device=device)
+    emap = schedule.build_expert_map(ids, E)
+    tiles = schedule.build_tiles(emap, 16)
+    x = torch.randn(T, K, device=device)
+    with pytest.raises(ValueError, match="out must be"):
+        mul_mm_id_mapped(x, w, emap, tiles, out=torch.empty(T * k - 1, N, device=device))
+    with pytest.raises(ValueError, match="out must be"):
+        mul_mm_id_mapped(x, w, emap, tiles, out=torch.empty(T * k, N, device=device, dtype=torch.float16))
+    out = torch.empty(T * k, N, device=device)
+    with pytest.raises(ValueError, match="K = 512"):
+        mul_mm_id_mapped(torch.randn(T, K // 2, device=device), w, emap, tiles, out=out)
+    mid = torch.empty(T * k, N, device=device, dtype=torch.float16)
+    with pytest.raises(ValueError, match="route_weights"):
+        mul_mm_id_mapped(x, w, emap, tiles, out=mid, w_up=w, route_weights=torch.ones(T * k - 1, device=device))
+    with pytest.raises(ValueError, match="expert map"):
+        mul_mm_id_mapped(x, w, schedule.build_expert_map(ids, E + 1), tiles, out=torch.empty(T * k, N, device=device))
+
+
 def test_width_mismatch_is_refused(device):
     w = _weights("Q4_K", device)
     ids = torch.zeros(4, 1, dtype=torch.int32, device=device)

@@ -68,18 +68,31 @@ def mul_mm_id_mapped(
 
     rhs [T, K] (per token) or [T, k, K] (per pair); out [P, N] float32 — or, when ``w_up`` is given, the fused gate+up
     SwiGLU variant: out [P, N] float16 mid = silu(min(g, 10)) * clamp(u, -10, 10) * route_w,
-    with ``route_weights`` float32 [P]. Inputs are assumed checked by the caller.
+    with ``route_weights`` float32 [P]. Expert ids are not checked (the map holds them); shapes,
+    dtypes, devices and contiguity are, so no argument can make the kernel touch memory outside
+    its tensors.
     """
     w = packed(w)
     E, N, K = w.shape
     P = emap.num_pairs
-    if P == 0:
-        return out
     fused = w_up is not None
+    if emap.num_experts != E or emap.sorted_pairs.numel() != P or emap.offsets.numel() != E + 2:
+        raise ValueError(f"expert map ({emap.num_tokens} x {emap.top_k} pairs over {emap.num_experts} experts) "
+                         f"does not match w {w.shape}")
+    check_out(out, (P, N), w.device, torch.float16 if fused else torch.float32)
+    if rhs.device != w.device or not rhs.is_contiguous() or rhs.shape[-1] != K or not rhs.is_floating_point():
+        raise ValueError(f"rhs must be a contiguous float tensor [T, K] or [T, k, K] with K = {K} on {w.device}, "
+                         f"got {rhs.dtype} {tuple(rhs.shape)} on {rhs.device}")
     if fused:
         w_up = packed(w_up)
         if (w_up.qtype, w_up.form, w_up.shape) != (w.qtype, w.form, w.shape):
             raise ValueError(f"w_up {w_up} must match w {w} in type, form and shape")
+        rw = route_weights
+        if (not isinstance(rw, torch.Tensor) or rw.dtype != torch.float32 or tuple(rw.shape) != (P,)
+                or not rw.is_contiguous() or rw.device != w.device):
+            raise ValueError(f"route_weights must be a contiguous float32 [P] = ({P},) tensor on {w.device}")
+    if P == 0:
+        return out
     cfg = config or schedule.mm_config(tiles.width, N, schedule.form_key(w), fused=fused,
                                        interpreter=interpreted())
     # the ds4 hazard (reference §6.4): the grid must be sized for the width the kernel computes
