@@ -87,124 +87,83 @@ def _asm_affine(c, s, nm, BITS: tl.constexpr, F16: tl.constexpr):
     return w
 
 
+# The IQ2_XXS lookup: two byte permutes per half of the word $8 turn its four 3-bit codes
+# (c | neg << 2) into the low and high bytes of ±8/25/43 in f16 (tables TL, TH0, TH1); two more
+# pair them as f16x2 r0..r3 (weights 0-1, 2-3, 4-5, 6-7).
+_IQ2_TABLES = """mov.b32 TL, 0x00604000;
+mov.b32 TH0, 0x00514E48;
+mov.b32 TH1, 0x00D1CEC8;
+"""
+_IQ2_LOOKUP = """prmt.b32 la, TL, TL, $8;
+prmt.b32 ha, TH0, TH1, $8;
+shr.b32 w, $8, 16;
+prmt.b32 lb, TL, TL, w;
+prmt.b32 hb, TH0, TH1, w;
+prmt.b32 r0, la, ha, 0x5140;
+prmt.b32 r1, la, ha, 0x7362;
+prmt.b32 r2, lb, hb, 0x5140;
+prmt.b32 r3, lb, hb, 0x7362;
+"""
+# Q8_0: q + 128 as the low byte of f16 1024 + 128 + q, then one sub gives q exactly in r0, r1.
+_I8_CONSTANTS = """mov.b32 H, 0x64646464;
+mov.b32 B, 0x64806480;
+"""
+_I8_EXACT = """xor.b32 t, $4, 0x80808080;
+prmt.b32 r0, t, H, 0x4140;
+prmt.b32 r1, t, H, 0x4342;
+sub.f16x2 r0, r0, B;
+sub.f16x2 r1, r1, B;
+"""
+_IQ2_F16 = tl.constexpr(
+    "{\n.reg .b32 la, ha, lb, hb, w, TL, TH0, TH1, r0, r1, r2, r3, s2, d2;\n" + _IQ2_TABLES
+    + "mov.b32 s2, {$9, $9};\nmov.b32 d2, {$10, $10};\n" + _IQ2_LOOKUP
+    + "".join(f"mul.rn.f16x2 r{i}, r{i}, s2;\n" for i in range(4))
+    + "".join(f"mul.rn.f16x2 r{i}, r{i}, d2;\n" for i in range(4))
+    + "".join(f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, r{i};\n" for i in range(4)) + "}")
+_IQ2_F32 = tl.constexpr(
+    "{\n.reg .b32 la, ha, lb, hb, w, TL, TH0, TH1, r0, r1, r2, r3;\n.reg .b16 h0, h1, h2, h3, h4, h5, h6, h7;\n"
+    + _IQ2_TABLES + _IQ2_LOOKUP + "".join(f"mov.b32 {{h{2 * i}, h{2 * i + 1}}}, r{i};\n" for i in range(4))
+    + "".join(f"cvt.f32.f16 ${j}, h{j};\n" for j in range(8))
+    + "".join(f"mul.rn.f32 ${j}, ${j}, $9;\n" for j in range(8)) + "}")
+_I8_F16 = tl.constexpr(
+    "{\n.reg .b32 t, r0, r1, H, B, d2;\n" + _I8_CONSTANTS + "mov.b32 d2, {$5, $5};\n" + _I8_EXACT
+    + "mul.rn.f16x2 r0, r0, d2;\nmul.rn.f16x2 r1, r1, d2;\nmov.b32 {$0, $1}, r0;\nmov.b32 {$2, $3}, r1;\n}")
+_I8_F32 = tl.constexpr(
+    "{\n.reg .b32 t, r0, r1, H, B;\n.reg .b16 h0, h1, h2, h3;\n" + _I8_CONSTANTS + _I8_EXACT
+    + "mov.b32 {h0, h1}, r0;\nmov.b32 {h2, h3}, r1;\n"
+    + "".join(f"cvt.f32.f16 ${j}, h{j};\n" for j in range(4))
+    + "".join(f"mul.rn.f32 ${j}, ${j}, $5;\n" for j in range(4)) + "}")
+
+
 @triton.jit
 def _asm_iq2_word(sel, sc8, d):
     """i32 word of eight IQ2_XXS codes (nibble j = c | neg << 2 of weight j) to eight f16
-    (±grid * sc8) * d: two byte-permute lookups give the f16 bytes of ±8/25/43; the first product
-    is exact (<= 11 bits), the second rounds once."""
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 la, ha, lb, hb, w, TL, TH0, TH1, r0, r1, r2, r3, s2, d2;
-        mov.b32 TL, 0x00604000;
-        mov.b32 TH0, 0x00514E48;
-        mov.b32 TH1, 0x00D1CEC8;
-        mov.b32 s2, {$9, $9};
-        mov.b32 d2, {$10, $10};
-        prmt.b32 la, TL, TL, $8;
-        prmt.b32 ha, TH0, TH1, $8;
-        shr.b32 w, $8, 16;
-        prmt.b32 lb, TL, TL, w;
-        prmt.b32 hb, TH0, TH1, w;
-        prmt.b32 r0, la, ha, 0x5140;
-        prmt.b32 r1, la, ha, 0x7362;
-        prmt.b32 r2, lb, hb, 0x5140;
-        prmt.b32 r3, lb, hb, 0x7362;
-        mul.rn.f16x2 r0, r0, s2;
-        mul.rn.f16x2 r1, r1, s2;
-        mul.rn.f16x2 r2, r2, s2;
-        mul.rn.f16x2 r3, r3, s2;
-        mul.rn.f16x2 r0, r0, d2;
-        mul.rn.f16x2 r1, r1, d2;
-        mul.rn.f16x2 r2, r2, d2;
-        mul.rn.f16x2 r3, r3, d2;
-        mov.b32 {$0, $1}, r0;
-        mov.b32 {$2, $3}, r1;
-        mov.b32 {$4, $5}, r2;
-        mov.b32 {$6, $7}, r3;
-        }""",
-        constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
-        args=[sel, sc8, d], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    (±grid * sc8) * d: the lookup above; the first product is exact (<= 11 bits), the second
+    rounds once."""
+    return tl.inline_asm_elementwise(asm=_IQ2_F16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
+                                     args=[sel, sc8, d], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
 
 
 @triton.jit
 def _asm_i8_word(c, d):
-    """i32 word of four int8 codes to four f16 RN(q * d): q + 128 becomes the low byte of f16
-    1024 + 128 + q, one sub gives q exactly."""
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t, r0, r1, H, B, d2;
-        mov.b32 H, 0x64646464;
-        mov.b32 B, 0x64806480;
-        mov.b32 d2, {$5, $5};
-        xor.b32 t, $4, 0x80808080;
-        prmt.b32 r0, t, H, 0x4140;
-        prmt.b32 r1, t, H, 0x4342;
-        sub.f16x2 r0, r0, B;
-        sub.f16x2 r1, r1, B;
-        mul.rn.f16x2 r0, r0, d2;
-        mul.rn.f16x2 r1, r1, d2;
-        mov.b32 {$0, $1}, r0;
-        mov.b32 {$2, $3}, r1;
-        }""",
-        constraints="=h,=h,=h,=h,r,h",
-        args=[c, d], dtype=(tl.float16,) * 4, is_pure=True, pack=1)
+    """i32 word of four int8 codes to four f16 RN(q * d)."""
+    return tl.inline_asm_elementwise(asm=_I8_F16, constraints="=h,=h,=h,=h,r,h",
+                                     args=[c, d], dtype=(tl.float16,) * 4, is_pure=True, pack=1)
 
 
 @triton.jit
 def _asm_iq2_word_f32(sel, scd):
-    """As _asm_iq2_word, to float32: the f16 lookups of ±8/25/43 widened exactly, times
-    scd = (2s+1)/8 * d (f32, exact), one exact product (<= 22 bits)."""
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 la, ha, lb, hb, w, TL, TH0, TH1, r0, r1, r2, r3;
-        .reg .b16 h0, h1, h2, h3, h4, h5, h6, h7;
-        mov.b32 TL, 0x00604000;
-        mov.b32 TH0, 0x00514E48;
-        mov.b32 TH1, 0x00D1CEC8;
-        prmt.b32 la, TL, TL, $8;
-        prmt.b32 ha, TH0, TH1, $8;
-        shr.b32 w, $8, 16;
-        prmt.b32 lb, TL, TL, w;
-        prmt.b32 hb, TH0, TH1, w;
-        prmt.b32 r0, la, ha, 0x5140;
-        prmt.b32 r1, la, ha, 0x7362;
-        prmt.b32 r2, lb, hb, 0x5140;
-        prmt.b32 r3, lb, hb, 0x7362;
-        mov.b32 {h0, h1}, r0;
-        mov.b32 {h2, h3}, r1;
-        mov.b32 {h4, h5}, r2;
-        mov.b32 {h6, h7}, r3;
-        cvt.f32.f16 $0, h0; cvt.f32.f16 $1, h1; cvt.f32.f16 $2, h2; cvt.f32.f16 $3, h3;
-        cvt.f32.f16 $4, h4; cvt.f32.f16 $5, h5; cvt.f32.f16 $6, h6; cvt.f32.f16 $7, h7;
-        mul.rn.f32 $0, $0, $9; mul.rn.f32 $1, $1, $9; mul.rn.f32 $2, $2, $9; mul.rn.f32 $3, $3, $9;
-        mul.rn.f32 $4, $4, $9; mul.rn.f32 $5, $5, $9; mul.rn.f32 $6, $6, $9; mul.rn.f32 $7, $7, $9;
-        }""",
-        constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r",
-        args=[sel, scd], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    """As _asm_iq2_word, to float32: the f16 lookups widened exactly, times scd = (2s+1)/8 * d
+    (f32, exact): one exact product (<= 22 bits)."""
+    return tl.inline_asm_elementwise(asm=_IQ2_F32, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r",
+                                     args=[sel, scd], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
 
 
 @triton.jit
 def _asm_i8_word_f32(c, d):
-    """int32 word of four int8 codes to four f32 q * d (exact): q exact in f16 as in _asm_i8_word,
-    widened, times d."""
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t, r0, r1, H, B;
-        .reg .b16 h0, h1, h2, h3;
-        mov.b32 H, 0x64646464;
-        mov.b32 B, 0x64806480;
-        xor.b32 t, $4, 0x80808080;
-        prmt.b32 r0, t, H, 0x4140;
-        prmt.b32 r1, t, H, 0x4342;
-        sub.f16x2 r0, r0, B;
-        sub.f16x2 r1, r1, B;
-        mov.b32 {h0, h1}, r0;
-        mov.b32 {h2, h3}, r1;
-        cvt.f32.f16 $0, h0; cvt.f32.f16 $1, h1; cvt.f32.f16 $2, h2; cvt.f32.f16 $3, h3;
-        mul.rn.f32 $0, $0, $5; mul.rn.f32 $1, $1, $5; mul.rn.f32 $2, $2, $5; mul.rn.f32 $3, $3, $5;
-        }""",
-        constraints="=r,=r,=r,=r,r,r",
-        args=[c, d], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    """int32 word of four int8 codes to four f32 q * d (exact): q exact in f16, widened, times d."""
+    return tl.inline_asm_elementwise(asm=_I8_F32, constraints="=r,=r,=r,=r,r,r",
+                                     args=[c, d], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
 
 
 # --------------------------------------------------------------------------- plain-tl twins
