@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +13,7 @@ from gguf import GGUFReader, GGUFWriter
 from gguf.constants import GGMLQuantizationType, GGUFValueType
 
 from moetile.gguf_io import (
+    GGUFError,
     GGUFFile,
     MoEConfig,
     MoELayerTensors,
@@ -200,8 +205,11 @@ def test_moe_layers_round_trip(tmp_path, gen):
     assert f.layers() == [0, 2, 7]
     assert "blk.0.ffn_gate_tid2eid.weight" in f and "blk.2.ffn_gate_tid2eid.weight" not in f
     assert "blk.7.ffn_gate_shexp.weight" not in f and "blk.7.exp_probs_b.bias" not in f
+    # the metadata says every layer has a shared expert: layer 7 without one is refused unless asked
+    with pytest.raises(GGUFError, match=r"blk\.7: deepseek4\.expert_shared_count = 1 but .*ffn_gate_shexp"):
+        f.moe_layer(7)
     for L, want in layers.items():
-        got = f.moe_layer(L)
+        got = f.moe_layer(L, check_config=L != 7)
         for field, name in layer_tensor_names(L).items():
             w, g = getattr(want, field), getattr(got, field)
             assert (w is None) == (g is None), name
@@ -431,6 +439,188 @@ def test_corrupt_tensor_info(tmp_path, gen):
         del r, t, dims, raw_type, offset
         with pytest.raises(ValueError, match="corrupt"):
             GGUFFile(path)
+
+
+# ----------------------------------------------------------------------------- structure checks
+# Byte surgery on a valid file: each helper returns the positions of one header field.
+
+
+def _tensor_info(blob: bytes, name: str) -> dict[str, int]:
+    """Byte offsets of the n_dims, type and offset fields of tensor ``name``'s info."""
+    key = len(name).to_bytes(8, "little") + name.encode()
+    at = blob.index(key) + len(key)
+    n_dims = int.from_bytes(blob[at : at + 4], "little")
+    return {"n_dims": at, "dims": at + 4, "type": at + 4 + 8 * n_dims, "offset": at + 8 + 8 * n_dims}
+
+
+def _kv_value(blob: bytes, key: str) -> int:
+    """Byte offset of the value type (u32) of metadata ``key``; the value follows it."""
+    k = len(key).to_bytes(8, "little") + key.encode()
+    return blob.index(k) + len(k)
+
+
+def _put(blob: bytes, at: int, value: int, n: int) -> bytes:
+    return blob[:at] + (value % (1 << (8 * n))).to_bytes(n, "little") + blob[at + n :]
+
+
+def _load_fails(tmp_path, blob: bytes, match: str) -> None:
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(blob)
+    with pytest.raises(GGUFError, match=match):
+        open_gguf(path).moe_layer(0)
+
+
+def test_type_change_that_overlaps_the_next_tensor(tmp_path, gen):
+    blob, _, _ = _valid_file(tmp_path, gen)
+    at = _tensor_info(blob, "blk.0.ffn_gate_exps.weight")["type"]
+    bad = _put(blob, at, int(GGMLQuantizationType.Q4_K), 4)  # 144 B per block instead of 66
+    _load_fails(tmp_path, bad, r"'blk\.0\.ffn_up_exps\.weight' starts at byte \d+, expected byte \d+")
+
+
+def test_type_change_that_shrinks_a_tensor_inside_its_padding(tmp_path, gen):
+    # bias f32 [4] is 16 bytes in a 32-byte slot: as f16 it is 8 bytes and the next offset still fits
+    blob, _, _ = _valid_file(tmp_path, gen)
+    bad = _put(blob, _tensor_info(blob, "blk.0.exp_probs_b.bias")["type"], int(GGMLQuantizationType.F16), 4)
+    _load_fails(tmp_path, bad, r"padding after tensor 'blk\.0\.exp_probs_b\.bias' .* is not zeros")
+
+
+@pytest.mark.filterwarnings("error")  # 2^64-1 must be refused before gguf's reader overflows on it
+@pytest.mark.parametrize("how", ["misaligned", "into_previous", "max", "gap"])
+def test_bad_tensor_offset(tmp_path, gen, how):
+    blob, _, _ = _valid_file(tmp_path, gen)
+    r = GGUFReader(tmp_path / "full.gguf")
+    t = r.tensors[2]
+    rel = t.data_offset - r.data_offset  # the file stores offsets relative to the data section
+    new = {"misaligned": rel + 1, "into_previous": r.tensors[1].data_offset - r.data_offset,
+           "max": 2**64 - 1, "gap": rel + 32}[how]
+    del r, t
+    bad = _put(blob, _tensor_info(blob, "blk.0.ffn_down_exps.weight")["offset"], new, 8)
+    _load_fails(tmp_path, bad, r"tensor 'blk\.0\.ffn_down_exps\.weight' starts at (data offset|byte)")
+
+
+def test_changed_alignment(tmp_path, gen):
+    path = tmp_path / "a.gguf"
+    write_gguf(path, make_layer(gen).to_tensors(0), {**ds4_config(hash_layer_count=0).to_metadata(),
+                                                     "general.alignment": 64})
+    blob = path.read_bytes()
+    assert GGUFReader(path).alignment == 64
+    open_gguf(path).moe_layer(0)  # valid as written
+    at = _kv_value(blob, "general.alignment") + 4
+    for align in (32, 128, 16, 48, 0):
+        _load_fails(tmp_path, _put(blob, at, align, 4), r"general\.alignment|starts at byte|corrupt")
+    with pytest.raises(ValueError, match="power of two"):
+        write_gguf(path, {"x": torch.ones(3)}, {"general.alignment": 48})
+
+
+@pytest.mark.parametrize(
+    "delta, match",
+    [
+        (-1, "the tensor count or general.alignment does not match"),  # the last info is left over
+        (-2, "the tensor count or general.alignment does not match"),
+        (1, r"name of tensor #\d+ claims \d+ bytes"),  # tensor data read as one more info
+        (1 << 33, "tensors cannot fit in the file"),
+    ],
+)
+def test_tensor_count_field_disagrees_with_infos(tmp_path, gen, delta, match):
+    blob, _, _ = _valid_file(tmp_path, gen)
+    n = int.from_bytes(blob[8:16], "little")
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(_put(blob, 8, n + delta, 8))
+    with pytest.raises(GGUFError, match=match):
+        open_gguf(path)
+
+
+def test_alignment_not_a_power_of_two(tmp_path, gen):
+    # laid out consistently at 48 bytes, which GGUF (and llama.cpp) do not allow
+    path = tmp_path / "a48.gguf"
+    w = GGUFWriter(path, "deepseek4")
+    w.data_alignment = 48
+    w.add_uint32("general.alignment", 48)
+    w.add_tensor("x", np.ones(3, dtype=np.float32))
+    w.add_tensor("y", np.ones(5, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match=r"general\.alignment = 48 \(type 4\) is not a power of two"):
+        open_gguf(path)
+
+
+@pytest.mark.parametrize("field", ["bias", "tid2eid", "shared_up", "ffn_norm", "gate"])
+def test_damaged_layer_tensor_name_is_not_dropped(tmp_path, gen, field):
+    blob, _, _ = _valid_file(tmp_path, gen)
+    name = layer_tensor_names(0)[field].encode()
+    at = blob.index(name) + len(name) - 3  # one letter of "...ght" / "...ias"
+    bad = blob[:at] + bytes([blob[at] ^ 0x01]) + blob[at + 1 :]
+    _load_fails(tmp_path, bad, rf"no tensor '{layer_tensor_names(0)[field]}' \({field}\).*one character away")
+
+
+def test_other_layers_are_not_mistaken_for_damage(tmp_path, gen):
+    # blk.1 holds a hash table and blk.0 does not: not a damaged name
+    path = tmp_path / "two.gguf"
+    write_moe_layers(path, {0: make_layer(gen), 1: make_layer(gen, hash_layer=True)}, ds4_config(hash_layer_count=0))
+    f = open_gguf(path)
+    assert f.moe_layer(0).tid2eid is None and f.moe_layer(1).tid2eid is not None
+
+
+def test_metadata_says_the_layer_has_a_tensor_it_lacks(tmp_path, gen):
+    path = tmp_path / "a.gguf"
+    write_moe_layers(path, {0: make_layer(gen, hash_layer=False)}, ds4_config(hash_layer_count=1))
+    with pytest.raises(GGUFError, match=r"hash_layer_count = 1 but .*'blk\.0\.ffn_gate_tid2eid\.weight'"):
+        open_gguf(path).moe_layer(0)
+    assert open_gguf(path).moe_layer(0, check_config=False).tid2eid is None
+
+
+def test_huge_metadata_array_fails_before_allocating(tmp_path, gen):
+    blob, _, _ = _valid_file(tmp_path, gen)
+    at = _kv_value(blob, "deepseek4.swiglu_clamp_exp")
+    assert int.from_bytes(blob[at : at + 4], "little") == int(GGUFValueType.ARRAY)
+    bad = _put(blob, at + 8, 1 << 40, 8)  # after the element type: the element count
+    t0 = time.perf_counter()
+    _load_fails(tmp_path, bad, r"'deepseek4\.swiglu_clamp_exp' claims 1099511627776 elements.*at byte")
+    assert time.perf_counter() - t0 < 5
+
+
+def test_invalid_utf8_in_metadata_string(tmp_path, gen):
+    blob, _, _ = _valid_file(tmp_path, gen)
+    at = _kv_value(blob, "general.architecture") + 4 + 8  # type, length, then the text
+    _load_fails(tmp_path, blob[:at] + b"\xff" + blob[at + 1 :], r"'general\.architecture' is not UTF-8")
+
+
+def test_invalid_utf8_in_tensor_name(tmp_path, gen):
+    blob, _, _ = _valid_file(tmp_path, gen)
+    at = blob.index(b"blk.0.ffn_down_exps")
+    _load_fails(tmp_path, blob[:at] + b"\xc3" + blob[at + 1 :], r"name of tensor #\d+ is not UTF-8")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not hasattr(signal, "SIGALRM"), reason="needs FIFOs and SIGALRM")
+def test_fifo_is_refused_without_blocking(tmp_path):
+    path = tmp_path / "pipe.gguf"
+    os.mkfifo(path)
+
+    def hang(signum, frame):
+        raise TimeoutError("opening a FIFO blocked")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(5)
+    try:
+        with pytest.raises(GGUFError, match="not a regular file"):
+            open_gguf(path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_read_only_map_hands_out_writable_copies(tmp_path, gen):
+    blob, _, _ = _valid_file(tmp_path, gen)
+    path = tmp_path / "full.gguf"
+    lt = open_gguf(path, mode="r").moe_layer(0)
+    lt.bias.fill_(7.0)  # would fault on a read-only page
+    lt.gate.data.zero_()
+    assert path.read_bytes() == blob
+    assert not torch.equal(open_gguf(path, mode="r").moe_layer(0).bias, lt.bias)
+    with pytest.raises(ValueError, match="mode must be"):
+        open_gguf(path, mode="r+")
 
 
 def test_missing_tensor_names_it_and_lists_others(tmp_path, gen):

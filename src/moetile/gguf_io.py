@@ -24,8 +24,11 @@ Per-layer names (``L`` is the block index; ``mtp.0`` blocks use the same suffixe
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import re
+import stat
+import struct
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -37,9 +40,11 @@ import torch
 from gguf import GGUFReader, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from .devices import resolve
 from .quant import FORMATS, QTYPES, QuantTensor
 
 __all__ = [
+    "GGUFError",
     "GGUFFile",
     "MoEConfig",
     "MoELayerTensors",
@@ -81,7 +86,116 @@ _LAYER_NAMES = {
     "shared_down": "ffn_down_shexp.weight",
     "ffn_norm": "ffn_norm.weight",
 }
+_SHARED = ("shared_gate", "shared_up", "shared_down")
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.ffn_gate_exps\.weight$")
+
+
+class GGUFError(ValueError):
+    """A file that is not a well-formed GGUF file; the message names the file, the field or tensor
+    and the byte offset."""
+
+
+# bytes of each scalar GGUF value type (GGUFValueType: 0 u8, 1 i8, 2 u16, 3 i16, 4 u32, 5 i32,
+# 6 f32, 7 bool, 8 string, 9 array, 10 u64, 11 i64, 12 f64)
+_VALUE_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_UINT32, _STRING, _ARRAY = 4, 8, 9
+
+
+def _scan_header(path: Path, size: int) -> int:
+    """Walk the GGUF header of ``path`` with every count and length bounded by the bytes left,
+    before gguf's reader allocates anything (a count of 2^40 elements fails here at once instead
+    of exhausting memory); keys, names and string values must be UTF-8. Returns the byte offset
+    where the tensor infos end. Raises GGUFError naming the field and the offset."""
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        off = 0
+
+        def fail(what: str, at: int) -> GGUFError:
+            return GGUFError(f"{path}: truncated or corrupt GGUF header: {what} (at byte {at} of {size})")
+
+        def u(fmt: str, what: str) -> int:
+            nonlocal off
+            n = struct.calcsize(fmt)
+            if off + n > size:
+                raise fail(f"{what} runs past the end of the file", off)
+            (v,) = struct.unpack_from("<" + fmt, mm, off)
+            off += n
+            return v
+
+        def text(what: str) -> str:
+            nonlocal off
+            at = off
+            n = u("Q", f"length of {what}")
+            if n > size - off:
+                raise fail(f"{what} claims {n} bytes, more than the {size - off} left", at)
+            raw = mm[off : off + n]
+            off += n
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise fail(f"{what} is not UTF-8 ({exc.reason} at its byte {exc.start})", at) from None
+
+        def value(vtype: int, what: str, depth: int = 0) -> None:
+            nonlocal off
+            if vtype in _VALUE_BYTES:
+                if off + _VALUE_BYTES[vtype] > size:
+                    raise fail(f"{what} runs past the end of the file", off)
+                off += _VALUE_BYTES[vtype]
+            elif vtype == _STRING:
+                text(what)
+            elif vtype == _ARRAY and depth < 4:  # nested arrays are legal; bound the recursion
+                at = off
+                etype = u("I", f"element type of {what}")
+                count = u("Q", f"length of {what}")
+                smallest = 8 if etype in (_STRING, _ARRAY) else _VALUE_BYTES.get(etype)
+                if smallest is None:
+                    raise fail(f"{what} has unknown element type {etype}", at)
+                if count > (size - off) // smallest:
+                    raise fail(f"{what} claims {count} elements, more than the {size - off} bytes left can hold", at)
+                if etype in _VALUE_BYTES:
+                    off += count * smallest
+                else:
+                    for i in range(count):
+                        value(etype, f"{what}[{i}]", depth + 1)
+            else:
+                raise fail(f"{what} has unknown value type {vtype}", off - 4)
+
+        if mm[:4] != _MAGIC:
+            raise fail(f"magic {bytes(mm[:4])!r}, expected {_MAGIC!r}", 0)
+        off = 4
+        version = u("I", "version")
+        if version not in (2, 3):
+            raise fail(f"version {version}; moetile reads GGUF versions 2 and 3", 4)
+        n_tensors = u("Q", "tensor count")
+        n_kv = u("Q", "metadata count")
+        if n_kv > (size - off) // 13 or n_tensors > (size - off) // 25:  # smallest kv / tensor info
+            raise fail(f"{n_kv} metadata entries and {n_tensors} tensors cannot fit in the file", 8)
+        for i in range(n_kv):
+            key = text(f"metadata key #{i}")
+            at = off
+            vtype = u("I", f"type of {key!r}")
+            if key == "general.alignment":  # it places every tensor: check it before the reader uses it
+                align = u("I", "general.alignment") if vtype == _UINT32 else None
+                if align is None or align <= 0 or align & (align - 1):
+                    raise fail(f"general.alignment = {align} (type {vtype}) is not a power of two in a uint32", at)
+            else:
+                value(vtype, f"metadata {key!r}")
+        valid_types = {int(t) for t in GGMLQuantizationType}
+        for i in range(n_tensors):
+            name = text(f"name of tensor #{i}")
+            at = off
+            n_dims = u("I", f"dimension count of tensor {name!r}")
+            if not 1 <= n_dims <= 4:
+                raise fail(f"tensor {name!r} has {n_dims} dimensions (1 to 4 allowed)", at)
+            for _ in range(n_dims):
+                u("Q", f"dimensions of tensor {name!r}")
+            at = off
+            if u("I", f"type of tensor {name!r}") not in valid_types:
+                raise fail(f"tensor {name!r} has an unknown GGML type", at)
+            at = off
+            rel = u("Q", f"offset of tensor {name!r}")
+            if rel >= size:  # checked here so that gguf's reader never adds past 2^64
+                raise fail(f"tensor {name!r} starts at data offset {rel}, past the end of the file", at)
+        return off
 
 
 class TensorNotFoundError(KeyError):
@@ -285,6 +399,7 @@ class MoELayerTensors:
         return {names[f]: getattr(self, f) for f in _LAYER_NAMES if getattr(self, f) is not None}
 
     def to(self, device) -> MoELayerTensors:
+        device = resolve(device)
         kw = {f: (None if getattr(self, f) is None else getattr(self, f).to(device)) for f in _LAYER_NAMES}
         return MoELayerTensors(**kw)
 
@@ -305,8 +420,9 @@ class GGUFFile:
     """A memory-mapped GGUF file.
 
     ``mode`` is np.memmap's: "c" (default) maps copy-on-write so the returned tensors are
-    writable without touching the file; "r" maps read-only (writing into a tensor then
-    crashes the process).
+    writable without touching the file; "r" maps read-only and returns copies (torch has no
+    read-only tensors; a write into a read-only page would kill the process). The structure is
+    checked at open (see ``_scan_header`` and ``_check_tensor_ranges``); failures raise GGUFError.
     """
 
     def __init__(self, path: str | os.PathLike[str], mode: str = "c"):
@@ -315,6 +431,11 @@ class GGUFFile:
             raise FileNotFoundError(f"GGUF file not found: {self.path}")
         if self.path.is_dir():
             raise IsADirectoryError(f"expected a GGUF file, got a directory: {self.path}")
+        if not stat.S_ISREG(self.path.stat().st_mode):  # a FIFO or device would block or never end
+            raise GGUFError(f"{self.path} is not a regular file")
+        if mode not in ("c", "r"):
+            raise ValueError(f"mode must be 'c' (copy-on-write map) or 'r' (read-only, tensors copied), got {mode!r}")
+        self.mode = mode
         self.file_size = self.path.stat().st_size
         with open(self.path, "rb") as fh:
             head = fh.read(4)
@@ -327,10 +448,11 @@ class GGUFFile:
                 f"{self.path}: truncated or corrupt GGUF file ({self.file_size} bytes, "
                 f"shorter than the {_MIN_HEADER}-byte header)"
             )
+        self._header_end = _scan_header(self.path, self.file_size)
         try:
             reader = GGUFReader(self.path, mode=mode)
         except Exception as exc:  # the reader fails in many ways on short or garbled headers
-            raise ValueError(
+            raise GGUFError(
                 f"{self.path}: truncated or corrupt GGUF file ({self.file_size} bytes): "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
@@ -342,21 +464,53 @@ class GGUFFile:
         self._metadata: dict[str, Any] | None = None
 
     def _check_tensor_ranges(self) -> None:
-        # The reader can accept short data (or overflowing dims); check every byte range here.
-        for t in self._tensors.values():
+        """Before any tensor is handed out: the padding before the data section is zeros (a changed
+        tensor count or ``general.alignment`` moves the data start and shows here), and the tensors
+        lie packed in info order, each at the next multiple of the alignment after the previous one,
+        inside the file. That is the layout every GGUF writer produces and llama.cpp's loader
+        requires; it rules out overlaps, gaps and misaligned or out-of-file offsets at once."""
+        r = self._r
+        align, data_start = int(r.alignment), int(r.data_offset)
+        if len(self._tensors) != len(r.tensors):
+            dup = next(t.name for t in r.tensors if sum(u.name == t.name for u in r.tensors) > 1)
+            raise GGUFError(f"{self.path}: corrupt GGUF file: tensor name {dup!r} appears twice")
+        pad = bytes(r.data[self._header_end : data_start])
+        if data_start - self._header_end >= align or pad.strip(b"\0"):
+            raise GGUFError(
+                f"{self.path}: corrupt GGUF file: the data section should start at the next multiple of "
+                f"{align} after the header (byte {self._header_end}) after zero padding, but starts at byte "
+                f"{data_start}; the tensor count or general.alignment does not match the header"
+            )
+        expected = data_start
+        for t in r.tensors:
             dims = [int(d) for d in t.shape]
             block, type_size = GGML_QUANT_SIZES[t.tensor_type]
             if not dims or any(d <= 0 for d in dims) or dims[0] % block:
-                raise ValueError(
+                raise GGUFError(
                     f"{self.path}: corrupt GGUF tensor {t.name!r}: dims {dims} invalid for "
                     f"{t.tensor_type.name}"
                 )
             nbytes = math.prod(dims) // block * type_size
-            end = int(t.data_offset) + nbytes
-            if end > self.file_size or t.data.nbytes != nbytes:
-                raise ValueError(
+            start = int(t.data_offset)
+            if start != expected:
+                raise GGUFError(
+                    f"{self.path}: corrupt GGUF file: tensor {t.name!r} starts at byte {start}, expected byte "
+                    f"{expected} (the end of the previous tensor rounded up to the alignment {align}); its "
+                    f"offset, or the type or dims of a tensor before it, is wrong"
+                )
+            if start + nbytes > self.file_size or t.data.nbytes != nbytes:
+                raise GGUFError(
                     f"{self.path}: truncated or corrupt GGUF file: tensor {t.name!r} needs bytes "
-                    f"[{t.data_offset}, {end}) but the file has {self.file_size} bytes"
+                    f"[{start}, {start + nbytes}) but the file has {self.file_size} bytes"
+                )
+            expected = start + -(-nbytes // align) * align
+            # writers pad with zeros; bytes left there mean a tensor shrank (a type or dim changed)
+            tail = bytes(r.data[start + nbytes : min(expected, self.file_size)])
+            if tail.strip(b"\0"):
+                raise GGUFError(
+                    f"{self.path}: corrupt GGUF file: the padding after tensor {t.name!r} (bytes "
+                    f"[{start + nbytes}, {min(expected, self.file_size)})) is not zeros; its type or dims "
+                    f"({t.tensor_type.name} {dims}) describe fewer bytes than were written"
                 )
 
     @property
@@ -466,7 +620,7 @@ class GGUFFile:
             raise ValueError(
                 f"tensor {name!r} ({ttype.name}) has shape {shape}; expected (N, K) or (E, N, K)"
             )
-        data = torch.from_numpy(t.data)  # uint8 [*shape[:-1], row_bytes]
+        data = torch.from_numpy(self._host(t.data))  # uint8 [*shape[:-1], row_bytes]
         qt = QuantTensor(data, ttype.name, shape)
         return qt if device is None else qt.to(device)
 
@@ -481,10 +635,15 @@ class GGUFFile:
             )
         shape = self.tensor_shape(name)
         if ttype == GGMLQuantizationType.BF16:  # the reader hands BF16 out as raw bytes
-            out = torch.from_numpy(t.data.reshape(-1)).view(torch.bfloat16).reshape(shape)
+            out = torch.from_numpy(self._host(t.data).reshape(-1)).view(torch.bfloat16).reshape(shape)
         else:
-            out = torch.from_numpy(t.data).reshape(shape)
-        return out if device is None else out.to(device)
+            out = torch.from_numpy(self._host(t.data)).reshape(shape)
+        return out if device is None else out.to(resolve(device))
+
+    def _host(self, a: np.ndarray) -> np.ndarray:
+        """The mapped bytes (copy-on-write map), or a copy of them (read-only map: torch has no
+        read-only tensors, and a write into a read-only page would kill the process)."""
+        return np.array(a) if self.mode == "r" else a
 
     def tensor(self, name: str, device=None) -> QuantTensor | torch.Tensor:
         """``float_tensor`` for unquantized types, ``quant_tensor`` otherwise."""
@@ -492,28 +651,63 @@ class GGUFFile:
             return self.float_tensor(name, device)
         return self.quant_tensor(name, device)
 
+    def _check_layer_names(self, names: dict[str, str], where: str) -> None:
+        """A layer tensor that is absent while the file holds a name one byte away from it was
+        renamed by corruption: refuse it rather than run the layer without, say, its bias."""
+        required = [_LAYER_NAMES[f] for f in ("gate", "up", "down", "router")]
+        for field, name in names.items():
+            if name in self._tensors:
+                continue
+            suffix = _LAYER_NAMES[field]
+            for other in self._tensors:
+                if len(other) != len(name) or sum(a != b for a, b in zip(other, name, strict=True)) != 1:
+                    continue
+                # the same tensor of another whole layer (blk.1 next to blk.0) is not damage
+                p = other[: -len(suffix)]
+                if other.endswith("." + suffix) and all(p + r in self._tensors for r in required):
+                    continue
+                raise GGUFError(
+                    f"{where}: corrupt GGUF file: no tensor {name!r} ({field}) but a tensor {other!r}, "
+                    f"one character away; its name was damaged"
+                )
+
+    def _check_required(self, layer: int | str, kw: dict[str, Any], names: dict[str, str], where: str) -> None:
+        """Optional tensors the metadata says this layer has must be there."""
+        cfg = self.moe_config()
+        need = []
+        if cfg.expert_shared_count:
+            need += [(f, f"{cfg.arch}.expert_shared_count = {cfg.expert_shared_count}") for f in _SHARED]
+        if isinstance(layer, (int, np.integer)) and cfg.hash_layer_count and layer < cfg.hash_layer_count:
+            need.append(("tid2eid", f"{cfg.arch}.hash_layer_count = {cfg.hash_layer_count}"))
+        for f, why in need:
+            if kw[f] is None:
+                raise GGUFError(f"{where}: {why} but the file has no tensor {names[f]!r} ({f})")
+
     def moe_layer(self, layer: int | str, device=None, check_config: bool = True) -> MoELayerTensors:
         """The MoE tensors of ``layer`` (int L for ``blk.L``, or a prefix like ``"mtp.0"``).
 
         Shapes are checked against each other and, with ``check_config``, against the
         ``{arch}.*`` metadata keys that are present.
         """
+        device = resolve(device)
         names = layer_tensor_names(layer)
+        where = f"{self.path} layer {_prefix(layer)}"
+        self._check_layer_names(names, where)
         kw: dict[str, Any] = {}
         for f in ("gate", "up", "down"):
             kw[f] = self.quant_tensor(names[f], device)
         kw["router"] = self.float_tensor(names["router"], device)
         for f in ("bias", "tid2eid", "ffn_norm"):
             kw[f] = self.float_tensor(names[f], device) if names[f] in self._tensors else None
-        for f in ("shared_gate", "shared_up", "shared_down"):
+        for f in _SHARED:
             kw[f] = self.quant_tensor(names[f], device) if names[f] in self._tensors else None
-        where = f"{self.path} layer {_prefix(layer)}"
         try:
             lt = MoELayerTensors(**kw)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from exc
         if check_config and isinstance(self.arch, str):
             lt.check_config(self.moe_config(), where)
+            self._check_required(layer, kw, names, where)
         return lt
 
 
@@ -621,13 +815,17 @@ def write_gguf(
     QuantTensors are written as their raw blocks with their GGML type (read back byte for
     byte); torch tensors as F32/F16/BF16/F64/I8/I16/I32/I64 by dtype. Metadata values:
     bool, int (uint32; int32/int64/uint64 when out of range), float (float32), str, or a
-    non-empty 1-D list of one of those. ``general.architecture`` is ``arch``. The file is
+    non-empty 1-D list of one of those. ``general.architecture`` is ``arch``; a
+    ``general.alignment`` (power of two >= 8, default 32) sets the tensor padding. The file is
     written to a temporary name and renamed, so a failed write leaves no partial file.
     """
     path = Path(path)
     metadata = dict(metadata or {})
     if "general.architecture" in metadata and metadata.pop("general.architecture") != arch:
         raise ValueError(f"metadata general.architecture disagrees with arch={arch!r}")
+    align = metadata.pop("general.alignment", None)  # it moves every tensor: the writer must pad by it
+    if align is not None and (type(align) is not int or align < 8 or align & (align - 1)):
+        raise ValueError(f"metadata general.alignment must be a power of two >= 8, got {align!r}")
     kv = []
     for key, v in metadata.items():
         if not isinstance(key, str) or not key:
@@ -645,6 +843,8 @@ def write_gguf(
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         w = GGUFWriter(tmp, arch)
+        if align is not None:
+            w.add_custom_alignment(align)
         for key, val, vtype, sub in kv:
             w.add_key_value(key, val, vtype, sub_type=sub)
         for name, arr, ttype in arrays:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import routing, schedule
+from .devices import refuse_meta, resolve
 from .ops._checks import ids_int32
 from .ops._launch import use_kernel
 from .ops.elementwise import combine_slots, swiglu_weight
@@ -80,9 +81,12 @@ class MoEWeights:
                     f"shared expert shapes: gate {self.shared_gate.shape}, up {self.shared_up.shape} must be "
                     f"(F_s, {H}); down {self.shared_down.shape} must be ({H}, F_s)"
                 )
-        devs = {t.device for t in (self.gate, self.up, self.down)}
-        if len(devs) != 1:
-            raise ValueError(f"expert tensors are on different devices: {devs}")
+        fields = ("gate", "up", "down", "router", "bias", "hash_table", "shared_gate", "shared_up", "shared_down")
+        where = {f: getattr(self, f).device for f in fields if getattr(self, f) is not None}
+        if len(set(where.values())) != 1:  # a kernel handed a pointer of another device faults or reads garbage
+            raise ValueError(f"the layer's tensors must be on one device, got {where}")
+        for f in ("router", "bias", "hash_table"):
+            refuse_meta(f, getattr(self, f))
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -95,6 +99,7 @@ class MoEWeights:
         return self.shared_gate is not None
 
     def to(self, device) -> MoEWeights:
+        device = resolve(device)
         mv = lambda t: None if t is None else t.to(device)
         return MoEWeights(
             mv(self.gate), mv(self.up), mv(self.down), mv(self.router), mv(self.bias), mv(self.hash_table),
@@ -264,6 +269,7 @@ class DS4MoE(torch.nn.Module):
         ``device``; ``kw``: ``form`` and the plan overrides (tile, path, gate_up)."""
         from .gguf_io import open_gguf
 
+        device = resolve(device)  # before any I/O: "CUDA requested but not available" comes first
         f = open_gguf(file)
         t = f.moe_layer(layer, device=device)
         cfg = f.moe_config()

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..devices import refuse_meta, resolve
 from . import iq2_xxs as _iq2
 from .formats import canonical
 from .q4_k import _unpack_scales as _q4k_unpack_scales
@@ -98,6 +99,7 @@ class PackedTensor:
                 )
             if not p.is_contiguous():
                 raise ValueError(f"plane {name!r} must be contiguous")
+            refuse_meta(f"plane {name!r}", p)
             devices.add(p.device)
         if len(devices) != 1:
             raise ValueError(f"planes are on different devices: {devices}")
@@ -122,6 +124,7 @@ class PackedTensor:
         return _PLANES[(self.qtype, self.form)]
 
     def to(self, device) -> PackedTensor:
+        device = resolve(device)
         return PackedTensor(self.qtype, self.form, self.shape, {k: v.to(device) for k, v in self.planes.items()})
 
     def expert(self, e: int) -> PackedTensor:

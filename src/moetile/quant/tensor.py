@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..devices import refuse_meta, resolve
 from .formats import QuantFormat, get_format
 
 
@@ -30,6 +31,7 @@ class QuantTensor:
             raise TypeError(f"QuantTensor.data must be a torch.Tensor, got {type(self.data).__name__}")
         if self.data.dtype != torch.uint8:
             raise TypeError(f"QuantTensor.data must be uint8 raw blocks, got dtype {self.data.dtype}")
+        refuse_meta("QuantTensor.data", self.data)
         if len(shape) not in (2, 3):
             raise ValueError(f"QuantTensor shape must be (N, K) or (E, N, K), got {shape}")
         if any(s <= 0 for s in shape):
@@ -70,7 +72,7 @@ class QuantTensor:
         return self.shape[0]
 
     def to(self, device) -> QuantTensor:
-        return QuantTensor(self.data.to(device), self.qtype, self.shape)
+        return QuantTensor(self.data.to(resolve(device)), self.qtype, self.shape)
 
     def expert(self, e: int) -> QuantTensor:
         """The (N, K) matrix of expert ``e`` (a view, no copy)."""
