@@ -3,6 +3,8 @@ interpreter; DS4 shapes on the GPU)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from helpers import row_rel_err
@@ -177,6 +179,102 @@ def test_from_gguf_round_trip(tmp_path, device):
     x = torch.randn(20, H).to(device)
     ref = ds4_moe_ref(x, w.to(device), round_f16=True)
     assert row_rel_err(m(x).cpu(), ref.cpu()).max() < BOUND_PREFILL
+
+
+CLAMP = 0.5  # about half the gate/up values of these layers lie above it: a kernel that ignores it fails
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("path, gate_up", [("prefill", "fused"), ("prefill", "split"), ("decode", "auto")])
+def test_swiglu_clamp_is_honoured(model, path, gate_up, device):
+    w = replace(make_weights(*MODELS[model], device), clamp=CLAMP)
+    T = 2 if path == "decode" else 33
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(3)).to(device) * 3
+    out = moe_forward(x, w, path=path, gate_up=gate_up, tile=16 if path == "prefill" else "auto")
+    prefill = path == "prefill"
+    ref = ds4_moe_ref(x, w, round_f16=prefill)
+    assert row_rel_err(out.cpu(), ref.cpu()).max() < (BOUND_PREFILL if prefill else BOUND_DECODE)
+    unclamped = ds4_moe_ref(x, replace(w, clamp=10.0), round_f16=prefill)
+    assert row_rel_err(unclamped.cpu(), ref.cpu()).min() > 100 * BOUND_PREFILL  # the clamp bites every row
+
+
+def test_bad_clamp_is_refused():
+    w = make_weights("Q4_K", "Q4_K", "cpu")
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "10"):
+        with pytest.raises(ValueError, match="clamp must be a finite number > 0"):
+            replace(w, clamp=bad)
+
+
+def _file_with(tmp_path, **cfg):
+    from moetile.gguf_io import MoEConfig, MoELayerTensors, write_moe_layers
+
+    w = make_weights("IQ2_XXS", "Q2_K", "cpu")
+    lt = MoELayerTensors(w.gate, w.up, w.down, w.router, w.bias, None, w.shared_gate, w.shared_up, w.shared_down)
+    base = dict(expert_count=E, expert_used_count=K_TOP, expert_shared_count=1, block_count=3)
+    path = tmp_path / "layer.gguf"
+    write_moe_layers(path, {0: lt, 1: lt}, MoEConfig(**{**base, **cfg}))
+    return path, w
+
+
+def test_from_gguf_reads_the_layers_clamp_and_scale(tmp_path, device):
+    path, w = _file_with(tmp_path, swiglu_clamp_exp=[10.0, CLAMP, 10.0], expert_weights_scale=0.75)
+    m = DS4MoE.from_gguf(path, 1, device=device, tile=16)
+    assert (m.weights.clamp, m.weights.scale, m.weights.top_k) == (CLAMP, 0.75, K_TOP)
+    assert DS4MoE.from_gguf(path, 0, device=device).weights.clamp == 10.0
+    x = torch.randn(20, H, generator=torch.Generator().manual_seed(4)).to(device) * 3
+    ref = ds4_moe_ref(x, replace(w, clamp=CLAMP, scale=0.75).to(device), round_f16=True)
+    assert row_rel_err(m(x).cpu(), ref.cpu()).max() < BOUND_PREFILL
+    # a scale of 0 is a value, not "absent": the routed experts then add nothing
+    path0, _ = _file_with(tmp_path, expert_weights_scale=0.0)
+    m0 = DS4MoE.from_gguf(path0, 0, device=device)
+    assert m0.weights.scale == 0.0
+    shared_only = ds4_moe_ref(x, replace(w, scale=0.0).to(device), round_f16=True)
+    assert row_rel_err(m0(x).cpu(), shared_only.cpu()).max() < BOUND_PREFILL
+
+
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        (dict(expert_group_count=4, expert_group_used_count=2), "expert_group_count = 4: group-limited routing"),
+        (dict(expert_weights_norm=False), "expert_weights_norm = false"),
+        (dict(expert_used_count=0), r"expert_used_count = 0 must be in \[1"),
+        (dict(expert_used_count=E + 1), rf"expert_used_count = {E + 1} must be in \[1"),
+        (dict(swiglu_clamp_exp=[10.0]), r"swiglu_clamp_exp holds 1 per-layer values; none is layer 1"),
+        (dict(swiglu_clamp_exp=0.0), r"swiglu_clamp_exp = 0.0 for this layer"),
+        (dict(expert_weights_scale=float("inf")), "expert_weights_scale = inf is not finite"),
+    ],
+)
+def test_from_gguf_refuses_what_it_cannot_honour(tmp_path, cfg, match):
+    from moetile.gguf_io import GGUFError
+
+    path, _ = _file_with(tmp_path, **cfg)
+    with pytest.raises(GGUFError, match=match):
+        DS4MoE.from_gguf(path, 1)
+
+
+@pytest.mark.parametrize(
+    "key, value, stored",
+    [
+        ("deepseek4.expert_weights_scale", 1069547520, "UINT32"),  # the bits of 1.5f, read as a count
+        ("deepseek4.expert_count", 8.0, "FLOAT32"),
+        ("deepseek4.expert_weights_norm", 1, "UINT32"),
+        ("deepseek4.swiglu_clamp_exp", "10", "STRING"),
+        ("deepseek4.swiglu_clamp_exp", [10, 10], "ARRAY/UINT32"),
+        ("deepseek4.expert_used_count", -3, "INT32"),
+    ],
+)
+def test_metadata_of_the_wrong_type_is_refused(tmp_path, key, value, stored):
+    from moetile.gguf_io import GGUFError, MoELayerTensors, open_gguf, write_gguf
+
+    w = make_weights("Q4_K", "Q4_K", "cpu", shared=False)
+    lt = MoELayerTensors(w.gate, w.up, w.down, w.router, w.bias)
+    path = tmp_path / "t.gguf"
+    write_gguf(path, lt.to_tensors(0), {key: value})
+    want = "is negative" if stored == "INT32" else f"stored as {stored}; moetile reads it as"
+    with pytest.raises(GGUFError, match=rf"'{key}' .*{want}" if stored != "INT32" else want):
+        open_gguf(path).moe_config()
+    with pytest.raises(GGUFError):
+        DS4MoE.from_gguf(path, 0)
 
 
 # ----------------------------------------------------------------------------- GPU, DS4 shapes

@@ -99,6 +99,12 @@ class GGUFError(ValueError):
 # 6 f32, 7 bool, 8 string, 9 array, 10 u64, 11 i64, 12 f64)
 _VALUE_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _UINT32, _STRING, _ARRAY = 4, 8, 9
+_INT_TYPES = {GGUFValueType[n] for n in ("UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "UINT64", "INT64")}
+_FLOAT_TYPES = {GGUFValueType.FLOAT32, GGUFValueType.FLOAT64}
+# the GGUF value type each MoEConfig field must have (the others are counts: "uint")
+_CONFIG_KIND = {"expert_weights_scale": "float", "rms_norm_eps": "float", "expert_weights_norm": "bool",
+                "swiglu_clamp_exp": "floats"}
+_KIND_TEXT = {"uint": "an integer", "float": "a float", "bool": "a bool", "floats": "a float or an array of floats"}
 
 
 def _scan_header(path: Path, size: int) -> int:
@@ -283,6 +289,11 @@ class MoEConfig:
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name != "arch" and v is not None:
+                kind = _CONFIG_KIND.get(f.name, "uint")  # written with the type moe_config reads back
+                if kind == "floats" and isinstance(v, (list, tuple)):
+                    v = [float(x) for x in v]
+                elif kind in ("float", "floats"):
+                    v = float(v)
                 out[self._key(self.arch, f.name)] = v
         return out
 
@@ -567,6 +578,26 @@ class GGUFFile:
         if not isinstance(arch, str):
             raise ValueError(f"{self.path}: no general.architecture string in the metadata")
         keys = [MoEConfig._key(arch, f.name) for f in fields(MoEConfig) if f.name != "arch"]
+        for f, key in zip([f for f in fields(MoEConfig) if f.name != "arch"], keys, strict=True):
+            field = self._r.fields.get(key)
+            if field is None:
+                continue
+            kind = _CONFIG_KIND.get(f.name, "uint")
+            types = [GGUFValueType(t) for t in field.types]
+            ok = {
+                "uint": types[0] in _INT_TYPES,
+                "float": types[0] in _FLOAT_TYPES,
+                "bool": types[0] == GGUFValueType.BOOL,
+                "floats": types[0] in _FLOAT_TYPES
+                or (types[0] == GGUFValueType.ARRAY and len(types) == 2 and types[1] in _FLOAT_TYPES),
+            }[kind]
+            if not ok:  # reading a value as another type gives nonsense (the bits of 1.5f are 1069547520)
+                raise GGUFError(
+                    f"{self.path}: metadata {key!r} is stored as {'/'.join(t.name for t in types)}; moetile "
+                    f"reads it as {_KIND_TEXT[kind]}"
+                )
+            if kind == "uint" and field.contents() < 0:
+                raise GGUFError(f"{self.path}: metadata {key!r} = {field.contents()} is negative")
         return MoEConfig.from_metadata({k: self.get_metadata(k) for k in keys}, arch)
 
     # -- tensor directory

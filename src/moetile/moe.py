@@ -7,13 +7,14 @@ Math and order of operations: ../shared/ds4-moe-reference.md §2-3.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import routing, schedule
 from .devices import refuse_meta, resolve
-from .ops._checks import ids_int32
+from .ops._checks import check_clamp, ids_int32
 from .ops._launch import use_kernel
 from .ops.elementwise import combine_slots, swiglu_weight
 from .ops.mul_mm_id import mul_mm_id_mapped
@@ -23,7 +24,7 @@ from .quant.pack import PackedTensor, packed
 
 Quantized = QuantTensor | PackedTensor
 
-DS4 = dict(top_k=6, scale=1.5)  # used when a GGUF lacks expert_used_count / expert_weights_scale
+DS4 = dict(top_k=6, scale=1.5, clamp=10.0)  # when a GGUF lacks expert_used_count / _weights_scale / swiglu_clamp_exp
 # Test-only override: fill every buffer the layer allocates (output and intermediates) with NaN
 # first, so a row that no kernel writes shows up as NaN in the output instead of stale memory.
 POISON = False
@@ -35,11 +36,16 @@ def _buffer(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+_QUANT = ("gate", "up", "down", "shared_gate", "shared_up", "shared_down")
+_TENSORS = (*_QUANT, "router", "bias", "hash_table")
+
+
 @dataclass(frozen=True)
 class MoEWeights:
     """One layer's tensors. gate/up (E, F, H) and down (E, H, F) quantized (PackedTensor, or
     QuantTensor packed on first use); router [E, H] f16/f32 (None when ids are always given); bias
-    [E] f32; hash_table [V, k] int32 (hash layers); shared_* Q8_0 (F_s, H) / (H, F_s) or None."""
+    [E] f32; hash_table [V, k] int32 (hash layers); shared_* Q8_0 (F_s, H) / (H, F_s) or None;
+    top_k experts per token, route weight ``scale``, SwiGLU ``clamp`` C (> 0) of every expert."""
 
     gate: Quantized
     up: Quantized
@@ -52,6 +58,7 @@ class MoEWeights:
     shared_down: Quantized | None = None
     top_k: int = 6
     scale: float = 1.5
+    clamp: float = 10.0
 
     def __post_init__(self):
         for name in ("gate", "up", "down"):
@@ -66,8 +73,9 @@ class MoEWeights:
                 f"expert shapes disagree: gate {self.gate.shape}, up {self.up.shape} must be (E, F, H) and "
                 f"down {self.down.shape} must be (E, H, F)"
             )
-        if not 1 <= self.top_k <= E:
-            raise ValueError(f"top_k must be in [1, {E}], got {self.top_k}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= E:
+            raise ValueError(f"top_k must be an int in [1, {E}], got {self.top_k!r}")
+        object.__setattr__(self, "clamp", check_clamp(self.clamp))
         if self.router is not None and tuple(self.router.shape) != (E, H):
             raise ValueError(f"router must be [E, H] = ({E}, {H}), got {tuple(self.router.shape)}")
         shared = (self.shared_gate, self.shared_up, self.shared_down)
@@ -81,8 +89,7 @@ class MoEWeights:
                     f"shared expert shapes: gate {self.shared_gate.shape}, up {self.shared_up.shape} must be "
                     f"(F_s, {H}); down {self.shared_down.shape} must be ({H}, F_s)"
                 )
-        fields = ("gate", "up", "down", "router", "bias", "hash_table", "shared_gate", "shared_up", "shared_down")
-        where = {f: getattr(self, f).device for f in fields if getattr(self, f) is not None}
+        where = {f: getattr(self, f).device for f in _TENSORS if getattr(self, f) is not None}
         if len(set(where.values())) != 1:  # a kernel handed a pointer of another device faults or reads garbage
             raise ValueError(f"the layer's tensors must be on one device, got {where}")
         for f in ("router", "bias", "hash_table"):
@@ -100,23 +107,52 @@ class MoEWeights:
 
     def to(self, device) -> MoEWeights:
         device = resolve(device)
-        mv = lambda t: None if t is None else t.to(device)
-        return MoEWeights(
-            mv(self.gate), mv(self.up), mv(self.down), mv(self.router), mv(self.bias), mv(self.hash_table),
-            mv(self.shared_gate), mv(self.shared_up), mv(self.shared_down), self.top_k, self.scale,
-        )
+        return replace(self, **{f: getattr(self, f).to(device) for f in _TENSORS if getattr(self, f) is not None})
 
     def packed(self, form: str = "auto") -> MoEWeights:
         """The same layer with every quantized tensor in its packed form (``form`` picks the
         IQ2_XXS form: "auto", "fast" or "compact"); already packed tensors are kept."""
-        quant = (self.gate, self.up, self.down, self.shared_gate, self.shared_up, self.shared_down)
-        if form == "auto" and all(t is None or isinstance(t, PackedTensor) for t in quant):
+        if form == "auto" and all(isinstance(getattr(self, f), (PackedTensor, type(None))) for f in _QUANT):
             return self
-        pk = lambda t: None if t is None else packed(t, form)
-        return MoEWeights(
-            pk(self.gate), pk(self.up), pk(self.down), self.router, self.bias, self.hash_table,
-            pk(self.shared_gate), pk(self.shared_up), pk(self.shared_down), self.top_k, self.scale,
+        return replace(self, **{f: packed(getattr(self, f), form) for f in _QUANT if getattr(self, f) is not None})
+
+
+def ds4_hyper(cfg, layer: int | str, where: str) -> dict:
+    """top_k, scale and clamp of ``layer`` from a GGUF's MoEConfig (DS4 defaults where a key is
+    absent); raises GGUFError for values moetile cannot honour rather than computing without them."""
+    from .gguf_io import GGUFError
+
+    a = cfg.arch
+    if cfg.expert_group_count > 1:
+        raise GGUFError(
+            f"{where}: {a}.expert_group_count = {cfg.expert_group_count}: group-limited routing is not "
+            "implemented (moetile routes over all experts)"
         )
+    if cfg.expert_weights_norm is False:
+        raise GGUFError(f"{where}: {a}.expert_weights_norm = false: routing without weight normalisation "
+                        "is not implemented")
+    top_k = DS4["top_k"] if cfg.expert_used_count is None else cfg.expert_used_count
+    E = cfg.expert_count
+    if top_k < 1 or (E is not None and top_k > E):
+        raise GGUFError(f"{where}: {a}.expert_used_count = {top_k} must be in [1, {a}.expert_count = {E}]")
+    scale = DS4["scale"] if cfg.expert_weights_scale is None else cfg.expert_weights_scale
+    if not math.isfinite(scale):
+        raise GGUFError(f"{where}: {a}.expert_weights_scale = {scale} is not finite")
+    clamp = cfg.swiglu_clamp_exp
+    if clamp is None:
+        clamp = DS4["clamp"]
+    elif isinstance(clamp, list):
+        if not isinstance(layer, str) and 0 <= int(layer) < len(clamp):
+            clamp = clamp[int(layer)]
+        elif isinstance(layer, str) and len(set(clamp)) == 1:  # e.g. "mtp.0": no index, one value
+            clamp = clamp[0]
+        else:
+            raise GGUFError(f"{where}: {a}.swiglu_clamp_exp holds {len(clamp)} per-layer values; none is "
+                            f"layer {layer!r}'s")
+    if not 0 < clamp < math.inf:
+        raise GGUFError(f"{where}: {a}.swiglu_clamp_exp = {clamp} for this layer; moetile needs a finite "
+                        "clamp > 0")
+    return dict(top_k=top_k, scale=float(scale), clamp=float(clamp))
 
 
 def moe_forward(
@@ -168,22 +204,22 @@ def moe_forward(
         return out.copy_(ref)
     weights = weights.packed()  # a no-op for packed weights; QuantTensors pack once (cached)
     plan = schedule.plan_layer(T, k, E, schedule.form_key(weights.gate), tile=tile, path=path, gate_up=gate_up)
-    y = _routed(x, weights.gate, weights.up, weights.down, topk_ids, topk_weights, plan, hook)  # [T, k, H]
+    y = _routed(x, weights.gate, weights.up, weights.down, topk_ids, topk_weights, plan, weights.clamp, hook)
     shared = None
     if include_shared and weights.has_shared:
         ones_ids = torch.zeros((T, 1), dtype=torch.int32, device=x.device)
         ones_w = torch.ones((T, 1), dtype=torch.float32, device=x.device)
         sg, su, sd = (t.stack() for t in (weights.shared_gate, weights.shared_up, weights.shared_down))
         splan = schedule.plan_layer(T, 1, 1, schedule.form_key(sg), tile=tile, path=path, gate_up=gate_up)
-        shared = _routed(x, sg, su, sd, ones_ids, ones_w, splan).view(T, H)
+        shared = _routed(x, sg, su, sd, ones_ids, ones_w, splan, weights.clamp).view(T, H)
         hook("shared")
     combine_slots(y, out, shared)
     hook("combine")
     return out
 
 
-def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, hook=None) -> torch.Tensor:
-    """y_slots f32 [T, k, H]: route_w * down(SwiGLU(gate x, up x)) per (token, slot)."""
+def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, clamp: float, hook=None) -> torch.Tensor:
+    """y_slots f32 [T, k, H]: route_w * down(SwiGLU_C(gate x, up x)) per (token, slot), C = ``clamp``."""
     T, k = ids.shape
     E, F, H = gate.shape
     P = T * k
@@ -193,7 +229,7 @@ def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, hook=None
     if plan.path == "decode":
         mid = _buffer((P, F), torch.float32, x.device)
         ids32 = ids_int32(ids, E)
-        launch_mv(x, gate, ids32, k, mid, w_up=up, route_weights=rw)
+        launch_mv(x, gate, ids32, k, mid, w_up=up, route_weights=rw, clamp=clamp)
         hook("gate_up")
         launch_mv(mid.view(T, k, F), down, ids32, k, y.view(P, H))
         hook("down")
@@ -206,7 +242,7 @@ def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, hook=None
     split = [tiles for tiles, gu in lists if gu == "split"]
     for tiles, gu in lists:
         if gu == "fused":
-            mul_mm_id_mapped(xh, gate, emap, tiles, out=mid, w_up=up, route_weights=rw)
+            mul_mm_id_mapped(xh, gate, emap, tiles, out=mid, w_up=up, route_weights=rw, clamp=clamp)
     if split:
         g = _buffer((P, F), torch.float32, x.device)
         u = _buffer((P, F), torch.float32, x.device)
@@ -215,7 +251,7 @@ def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, hook=None
             mul_mm_id_mapped(xh, up, emap, tiles, out=u)
         # with a fused narrow class, only the wide class's rows are in g/u: keep the others' mid
         wide = None if len(split) == len(lists) else (ids, emap.counts, plan.wide_rows)
-        swiglu_weight(g, u, rw, mid, wide=wide)
+        swiglu_weight(g, u, rw, mid, wide=wide, clamp=clamp)
     hook("gate_up")
     for tiles, _ in lists:
         mul_mm_id_mapped(mid.view(T, k, F), down, emap, tiles, out=y.view(P, H))
@@ -266,18 +302,16 @@ class DS4MoE(torch.nn.Module):
     @classmethod
     def from_gguf(cls, file, layer: int, device=None, **kw) -> DS4MoE:
         """Layer ``layer`` of the GGUF ``file`` (memory-mapped, not dequantized), packed on
-        ``device``; ``kw``: ``form`` and the plan overrides (tile, path, gate_up)."""
+        ``device``; ``kw``: ``form`` and the plan overrides (tile, path, gate_up). top_k, scale and
+        the SwiGLU clamp come from the file's metadata (``ds4_hyper``)."""
         from .gguf_io import open_gguf
 
         device = resolve(device)  # before any I/O: "CUDA requested but not available" comes first
         f = open_gguf(file)
+        hyper = ds4_hyper(f.moe_config(), layer, f"{f.path} layer {layer}")
         t = f.moe_layer(layer, device=device)
-        cfg = f.moe_config()
-        top_k = cfg.expert_used_count or DS4["top_k"]
-        scale = cfg.expert_weights_scale or DS4["scale"]
         w = MoEWeights(
-            t.gate, t.up, t.down, t.router, t.bias, t.tid2eid, t.shared_gate, t.shared_up, t.shared_down,
-            top_k=top_k, scale=scale,
+            t.gate, t.up, t.down, t.router, t.bias, t.tid2eid, t.shared_gate, t.shared_up, t.shared_down, **hyper
         )
         return cls(w, **kw)
 

@@ -80,20 +80,20 @@ def ds4_moe_ref(
         sel = (ids == e).nonzero()
         t, s = sel[:, 0], sel[:, 1]
         y[t, s] = _expert_ref(xs[t], weights.gate.expert(e), weights.up.expert(e), weights.down.expert(e),
-                              rw[t, s], round_f16)
+                              rw[t, s], round_f16, weights.clamp)
     out = y[:, 0].clone()
     for s in range(1, k):
         out += y[:, s]
     if include_shared and weights.shared_gate is not None:
         out += _expert_ref(xs, weights.shared_gate, weights.shared_up, weights.shared_down,
-                           torch.ones(T, dtype=torch.float64, device=x.device), round_f16)
+                           torch.ones(T, dtype=torch.float64, device=x.device), round_f16, weights.clamp)
     return out
 
 
-def _expert_ref(x, gate, up, down, w, round_f16):
-    """float64 [R, H]: down(swiglu(gate x, up x) * w) for rows x [R, H] of one expert."""
+def _expert_ref(x, gate, up, down, w, round_f16, clamp):
+    """float64 [R, H]: down(swiglu_C(gate x, up x) * w) for rows x [R, H] of one expert, C = ``clamp``."""
     deq = lambda q: q.dequantize().to(torch.float16).double() if round_f16 else q.dequantize().double()
-    mid = swiglu_ref(x @ deq(gate).T, x @ deq(up).T, w[:, None])
+    mid = swiglu_ref(x @ deq(gate).T, x @ deq(up).T, w[:, None], clamp)
     if round_f16:
         mid = mid.to(torch.float16).double()
     return mid @ deq(down).T

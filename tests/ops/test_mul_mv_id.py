@@ -35,6 +35,11 @@ def test_matches_reference(qtype, form, device):
     fused = mul_mv_id(x, w, ids, w_up=up, route_weights=rw)
     ref = swiglu_ref(mul_mm_id_ref(x, w, ids), mul_mm_id_ref(x, up, ids), rw.double()[:, :, None])
     assert_rows_close(fused.cpu(), ref.cpu(), BOUND, f"{qtype}/{form} fused")
+    # a clamp below most |g|, |u| (x ~ N(0, 1) gives |g| up to ~3 here) must change the result
+    tight = mul_mv_id(x, w, ids, w_up=up, route_weights=rw, clamp=0.25)
+    ref_t = swiglu_ref(mul_mm_id_ref(x, w, ids), mul_mm_id_ref(x, up, ids), rw.double()[:, :, None], 0.25)
+    assert_rows_close(tight.cpu(), ref_t.cpu(), BOUND, f"{qtype}/{form} fused, clamp 0.25")
+    assert not torch.allclose(ref_t, ref, rtol=1e-2)
     xp = torch.randn(T, k, K, generator=g).to(device)  # one row per pair, as down reads mid
     assert_rows_close(mul_mv_id(xp, w, ids).cpu(), mul_mm_id_ref(xp, w, ids).cpu(), BOUND, "per pair")
 
@@ -88,3 +93,6 @@ def test_bad_out_and_fused_arguments(device):
         mul_mv_id(x, w, ids, w_up=_w("Q2_K", "auto", device), route_weights=torch.ones(3, 2, device=device))
     with pytest.raises(ValueError, match="only used with w_up"):
         mul_mv_id(x, w, ids, route_weights=torch.ones(3, 2, device=device))
+    for bad in (0.0, -2.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="clamp must be a finite number > 0"):
+            mul_mv_id(x, w, ids, w_up=w, route_weights=torch.ones(3, 2, device=device), clamp=bad)

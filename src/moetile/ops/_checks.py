@@ -59,6 +59,13 @@ def check_inputs(op: str, rhs, w, topk_ids) -> tuple[int, int, int, int, int]:
     return T, k, E, N, K
 
 
+def check_clamp(clamp) -> float:
+    """The SwiGLU clamp C as a float, if it is a finite number > 0 (a constexpr of the kernels)."""
+    if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not 0 < clamp < float("inf"):
+        raise ValueError(f"clamp must be a finite number > 0, got {clamp!r}")
+    return float(clamp)
+
+
 def check_out(out, shape: tuple[int, ...], device, dtype=torch.float32) -> torch.Tensor:
     """``out`` if it is a contiguous ``dtype`` tensor of exactly ``shape`` on ``device`` (a fresh
     one when None); raises otherwise."""

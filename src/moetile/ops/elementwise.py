@@ -10,8 +10,8 @@ BLOCK = 1024
 
 
 def swiglu_weight(gate: torch.Tensor, up: torch.Tensor, route_weights: torch.Tensor, mid: torch.Tensor,
-                  wide: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
-    """mid f16 [P, F] = silu(min(gate, 10)) * clamp(up, -10, 10) * route_weights[:, None];
+                  wide: tuple[torch.Tensor, torch.Tensor, int] | None = None, clamp: float = 10.0) -> torch.Tensor:
+    """mid f16 [P, F] = silu(min(gate, C)) * clamp(up, -C, C) * route_weights[:, None], C = ``clamp``;
     gate/up f32 [P, F], route_weights f32 [P]. With ``wide`` = (ids int32 [P], counts int32
     [E+1], min_rows) only the rows of pairs whose expert holds at least min_rows pairs are written;
     the others keep what ``mid`` holds."""
@@ -19,7 +19,7 @@ def swiglu_weight(gate: torch.Tensor, up: torch.Tensor, route_weights: torch.Ten
     if P:
         ids, counts, min_rows = wide if wide is not None else (route_weights, route_weights, 0)
         swiglu_weight_kernel[(P, -(-F // BLOCK))](gate, up, route_weights, mid, ids, counts, F,
-                                                   counts.numel() - 1, min_rows, CLAMP=10.0,
+                                                   counts.numel() - 1, min_rows, CLAMP=float(clamp),
                                                    SELECT=wide is not None, BLOCK=BLOCK)
     return mid
 

@@ -14,7 +14,7 @@ from ..kernels.mm_id import mul_mm_id_kernel
 from ..quant import QuantTensor
 from ..quant.pack import PackedTensor, packed
 from ..reference import mul_mm_id_ref
-from ._checks import check_ids_in_range, check_inputs, check_out
+from ._checks import check_clamp, check_ids_in_range, check_inputs, check_out
 from ._launch import form_id, interpreted, kernel_planes, tables_for, use_kernel
 
 
@@ -63,14 +63,16 @@ def mul_mm_id_mapped(
     config: schedule.MMConfig | None = None,
     w_up: PackedTensor | None = None,
     route_weights: torch.Tensor | None = None,
+    clamp: float = 10.0,
 ) -> torch.Tensor:
     """Low-level launch over a prebuilt ExpertMap and TileList (reused across gate, up, down).
 
-    rhs [T, K] (per token) or [T, k, K] (per pair); out [P, N] float32 — or, when ``w_up`` is given, the fused gate+up
-    SwiGLU variant: out [P, N] float16 mid = silu(min(g, 10)) * clamp(u, -10, 10) * route_w,
-    with ``route_weights`` float32 [P]. Expert ids are not checked (the map holds them); shapes,
-    dtypes, devices and contiguity are, so no argument can make the kernel touch memory outside
-    its tensors.
+    rhs [T, K] (per token) or [T, k, K] (per pair); out [P, N] float32 — or, when ``w_up`` is
+    given, the fused gate+up SwiGLU variant: out [P, N] float16 mid = silu(min(g, C)) *
+    clamp(u, -C, C) * route_w, with ``route_weights`` float32 [P] and C = ``clamp`` (> 0; ds4
+    files give it per layer). Expert ids are not checked (the map holds them); shapes, dtypes,
+    devices and contiguity are, so no argument can make the kernel touch memory outside its
+    tensors.
     """
     w = packed(w)
     E, N, K = w.shape
@@ -128,7 +130,7 @@ def mul_mm_id_mapped(
         ASM=cfg.asm,
         RHS_PER_PAIR=per_pair,
         FUSE_SWIGLU=fused,
-        CLAMP=10.0,
+        CLAMP=check_clamp(clamp),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,

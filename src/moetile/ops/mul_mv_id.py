@@ -12,7 +12,7 @@ from ..kernels.mv_id import mul_mv_id_kernel
 from ..quant import QuantTensor
 from ..quant.pack import PackedTensor, packed
 from ..reference import mul_mm_id_ref, swiglu_ref
-from ._checks import check_ids_in_range, check_inputs, check_out, ids_int32
+from ._checks import check_clamp, check_ids_in_range, check_inputs, check_out, ids_int32
 from ._launch import form_id, interpreted, kernel_planes, tables_for, use_kernel
 
 
@@ -24,13 +24,14 @@ def mul_mv_id(
     out: torch.Tensor | None = None,
     w_up: QuantTensor | PackedTensor | None = None,
     route_weights: torch.Tensor | None = None,
+    clamp: float = 10.0,
     validate: bool = True,
 ) -> torch.Tensor:
     """out f32 [T, k, N] = W[topk_ids[t, s]] @ rhs_row(t, s), with the exact float32 weights.
 
     rhs: [T, K] (per token) or [T, k, K] (per pair), float32/float16/bfloat16 (read as float32).
     With ``w_up`` (same type, form and shape as ``w``) and ``route_weights`` f32 [T, k] the fused
-    gate+up variant writes mid = silu(min(g, 10)) * clamp(u, -10, 10) * route_weight.
+    gate+up variant writes mid = silu(min(g, C)) * clamp(u, -C, C) * route_weight, C = ``clamp`` (> 0).
     ``validate`` checks every id is in [0, E) (one host sync); without it a pair with a bad id gets
     a NaN row and nothing is read for it. Shapes, strides, dtypes and devices are always checked.
     """
@@ -51,6 +52,7 @@ def mul_mv_id(
             raise ValueError(f"mul_mv_id: route_weights is on {rw.device}, rhs on {rhs.device}")
     elif route_weights is not None:
         raise ValueError("mul_mv_id: route_weights is only used with w_up")
+    clamp = check_clamp(clamp)
     if validate:
         check_ids_in_range(topk_ids, E)
     if T == 0:
@@ -58,18 +60,18 @@ def mul_mv_id(
     if not use_kernel(rhs.device, "mul_mv_id"):
         y = mul_mm_id_ref(rhs, w, topk_ids)
         if fused:
-            y = swiglu_ref(y, mul_mm_id_ref(rhs, w_up, topk_ids), route_weights.double()[:, :, None])
+            y = swiglu_ref(y, mul_mm_id_ref(rhs, w_up, topk_ids), route_weights.double()[:, :, None], clamp)
         return out.copy_(y)
     rw = route_weights.reshape(-1).to(torch.float32).contiguous() if fused else None
-    launch_mv(rhs, w, ids_int32(topk_ids, E), k, out.view(T * k, N), w_up=w_up, route_weights=rw)
+    launch_mv(rhs, w, ids_int32(topk_ids, E), k, out.view(T * k, N), w_up=w_up, route_weights=rw, clamp=clamp)
     return out
 
 
 def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int, out: torch.Tensor, *,
               w_up: PackedTensor | None = None, route_weights: torch.Tensor | None = None,
-              config: schedule.MVConfig | None = None) -> torch.Tensor:
+              clamp: float = 10.0, config: schedule.MVConfig | None = None) -> torch.Tensor:
     """Launch over checked inputs: rhs [T, K] or [T, k, K] contiguous, ids int32 [P] (bad ids
-    already -1), out f32 [P, N] contiguous, route_weights f32 [P] when fused. ``config``
+    already -1), out f32 [P, N] contiguous, route_weights f32 [P] and SwiGLU ``clamp`` when fused. ``config``
     overrides schedule.mv_config (A/B runs)."""
     E, N, K = w.shape
     P = ids.numel()
@@ -101,7 +103,7 @@ def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int,
         ASM=cfg.asm,
         RHS_PER_PAIR=per_pair,
         FUSE_SWIGLU=fused,
-        CLAMP=10.0,
+        CLAMP=float(clamp),
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps,
