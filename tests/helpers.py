@@ -96,3 +96,15 @@ class Helpers:
         x = torch.randn(rows, 4096, generator=torch.Generator().manual_seed(seed))
         y = mod.dequantize(mod.quantize(x))
         return float((x.double() - y.double()).norm() / x.double().norm())
+
+
+def quantize_in_range(mod, x: torch.Tensor, block: int) -> torch.Tensor | None:
+    """``mod.quantize(x)``, or None where it refused x because a block of ``block`` values is too
+    small for the format's f16 scale; the refusal must then be justified (max |x| of some block
+    below 2^-14, the smallest normal f16) and say so. Any other error propagates."""
+    try:
+        return mod.quantize(x)
+    except ValueError as exc:
+        assert "outside what" in str(exc), exc
+        assert bool((x.reshape(-1, block).abs().amax(1) < 2.0**-14).any()), f"refused in-range x: {exc}"
+        return None

@@ -108,6 +108,26 @@ def test_hash_layer_and_token_ids(device):
         moe_forward(x, w, torch.full((12,), 50, device=device))
 
 
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_hash_entry_outside_the_experts(path, device):
+    """Kernels, reference and routing agree on a table entry >= E: an error with validate=True;
+    without validation that token's output is NaN and no other token's. (A GGUF layer with such a
+    table is refused at load: tests/test_gguf_io.py.)"""
+    w = make_weights("Q4_K", "Q4_K", device, hash_rows=50)
+    w.hash_table[7, 1] = E
+    T = 3 if path == "decode" else 12
+    tok = torch.arange(T).to(device) + 5  # token 2 reads row 7
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(8)).to(device)
+    with pytest.raises(ValueError, match=f"expert id {E}"):
+        moe_forward(x, w, tok, path=path, validate=True)
+    out = moe_forward(x, w, tok, path=path, validate=False).cpu()
+    ref = ds4_moe_ref(x, w, tok, round_f16=path == "prefill").cpu()
+    nan_rows = torch.isnan(out).any(1)
+    assert nan_rows.tolist() == [t == 2 for t in range(T)]
+    assert torch.equal(torch.isnan(ref).any(1), nan_rows)
+    keep = ~nan_rows
+    assert row_rel_err(out[keep], ref[keep]).max() < (BOUND_PREFILL if path == "prefill" else BOUND_DECODE)
+
 def test_bypass_router_and_no_shared(device):
     w = make_weights("IQ2_XXS", "Q2_K", device, shared=False)
     T = 20

@@ -61,8 +61,9 @@ def ds4_moe_ref(
     """float64 [T, H]: the whole routed FFN of ds4 §3.7 plus the shared expert (§3.6).
 
     Same arguments as moe.moe_forward. Routing uses reference_routing.route_ref unless
-    topk_ids/topk_weights are given. ``round_f16`` rounds x, dequantized weights and mid to f16
-    as the prefill kernels do; the slot sum is in slot order.
+    topk_ids/topk_weights are given. A pair whose expert id is outside [0, E) gets a NaN row (so
+    its token's output is NaN), as in moe_forward with ``validate=False``. ``round_f16`` rounds x,
+    dequantized weights and mid to f16 as the prefill kernels do; the slot sum is in slot order.
     """
     from .reference_routing import route_ref
 
@@ -76,9 +77,13 @@ def ds4_moe_ref(
     xs = x.to(torch.float16).double() if round_f16 else x.double()
     ids = topk_ids.to(torch.int64)
     y = torch.zeros((T, k, weights.down.shape[1]), dtype=torch.float64, device=x.device)
+    E = weights.gate.shape[0]
     for e in torch.unique(ids).tolist():
         sel = (ids == e).nonzero()
         t, s = sel[:, 0], sel[:, 1]
+        if not 0 <= e < E:  # as the kernels do: the pair's row is NaN, nothing is read for it
+            y[t, s] = float("nan")
+            continue
         y[t, s] = _expert_ref(xs[t], weights.gate.expert(e), weights.up.expert(e), weights.down.expert(e),
                               rw[t, s], round_f16, weights.clamp)
     out = y[:, 0].clone()

@@ -14,7 +14,10 @@ Deterministic rules (ds4 ``8d576642c39b``, CPU and CUDA backends):
   ``-0.0`` ties with ``+0.0``;
 * route weights use the unbiased score, a slot-order float32 sum and the ``2^-14`` floor;
 * expert ids outside ``[0, E)`` (only a bad hash table can produce them) read nothing and get
-  ``w_raw = 0``, as ds4's CUDA backend does.
+  ``w_raw = 0``, as ds4's CUDA backend does. Here the rule ends: the expert kernels (and the
+  float64 reference) give such a pair a NaN row, so ``moe_forward`` with ``validate=False`` returns
+  NaN for that token and no other; ``validate=True`` raises, and a GGUF layer holding such a
+  table is refused when it is loaded (``MoELayerTensors``).
 """
 
 from __future__ import annotations

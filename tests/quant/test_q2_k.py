@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from helpers import quantize_in_range
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -121,7 +122,10 @@ def test_roundtrip_shapes_public_api():
 )
 def test_hypothesis_finite_and_bounded(x, log_scale):
     x = torch.from_numpy(x) * 10.0**log_scale
-    y = mod.dequantize(mod.quantize(x))
+    q = quantize_in_range(mod, x, 256)
+    if q is None:  # a block too small for f16's scales is refused, not returned as zeros
+        return
+    y = mod.dequantize(q)
     assert torch.isfinite(y).all()
     xb, eb = x.view(-1, 256), (x - y).view(-1, 256)
     # rms error per block within 1/3 of the span of the block and 0 (that of the plain min/max

@@ -164,7 +164,7 @@ def test_public_quantize(name):
         mq.quantize(torch.ones(256), name)
     with pytest.raises(ValueError, match="K=100"):
         mq.quantize(torch.ones(3, 100), name)
-    with pytest.raises(ValueError, match="NaN or Inf"):
+    with pytest.raises(ValueError, match=r"x\[0, 0\] = inf is not finite"):
         mq.quantize(torch.full((3, 256), float("inf")), name)
     with pytest.raises(ValueError, match="importance"):
         mq.quantize(x, name, importance=torch.ones(255))
@@ -181,3 +181,32 @@ def test_public_random_blocks(name):
         mq.random_blocks(name, (512,))
     with pytest.raises(ValueError, match="K=100"):
         mq.random_blocks(name, (2, 100))
+
+
+# per-format bound on the relative error of a whole N(0, s²) tensor, for any scale s in f16's range
+RANGE_BOUND = {"Q8_0": 0.05, "Q4_K": 0.15, "Q2_K": 0.4, "IQ2_XXS": 0.5}
+
+
+@pytest.mark.parametrize("name", HAVE)
+def test_quantizers_refuse_what_they_cannot_represent(name):
+    """Every per-type quantizer (not only the public wrapper) refuses non-finite values and blocks
+    whose f16 scale would over- or underflow, naming the row and columns; in range it is accurate."""
+    quantize = mq.get_format(name).module.quantize
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 512, generator=g)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[1, 2, 7] = bad
+        with pytest.raises(ValueError, match=rf"x\[1, 2, 7\] = {bad} is not finite"):
+            quantize(y)
+    for scale in (1e30, 1e8, 1e-12):
+        y = x.clone()
+        y[1, 0, 256:] *= scale  # one super-block (or eight Q8_0 blocks) out of range
+        with pytest.raises(ValueError, match=r"row \[1, 0\] columns 256\.\.\d+: values up to .* outside"):
+            quantize(y)
+    for scale in (1e-4, 1.0, 1e4):
+        y = x * scale
+        y[0, 1, :256] = 0.0  # an all-zero block is exact
+        back = mq.get_format(name).module.dequantize(quantize(y)).reshape(y.shape)
+        assert torch.equal(back[0, 1, :256], y[0, 1, :256])
+        assert float((back - y).norm() / y.norm()) < RANGE_BOUND[name], (name, scale)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 
 F16_MAX = 65504.0
+# relative error at which a block counts as lost (1.0: it became zeros); the formats' worst on
+# representable data is far below (Q8_0 0.02, Q4_K 0.11, Q2_K 0.33, IQ2_XXS 0.72 on a one-hot block)
+LOST = 0.95
 
 # Blocks per chunk when quantizing: small on CPU (the temporaries stay in cache), large on
 # GPUs (fewer kernel launches); the search keeps about a dozen [chunk, block_elems] f32 temporaries.
@@ -43,6 +46,7 @@ def check_values(x: torch.Tensor, importance: torch.Tensor | None, name: str, bl
             f"{name}.quantize: x of shape {tuple(x.shape)} must have a last dimension K that is a positive "
             f"multiple of the {name} block size {block_elems}"
         )
+    check_finite(x, name)
     if importance is not None:
         if not isinstance(importance, torch.Tensor) or not importance.is_floating_point():
             raise TypeError(f"{name}.quantize: importance must be a float torch.Tensor or None")
@@ -52,6 +56,42 @@ def check_values(x: torch.Tensor, importance: torch.Tensor | None, name: str, bl
             )
         if not bool((torch.isfinite(importance) & (importance >= 0)).all()):
             raise ValueError(f"{name}.quantize: importance must be finite and non-negative")
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Raise naming the first NaN/Inf of ``x`` [..., K] (its row and column)."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        at = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}.quantize: x{list(at)} = {x[at].item()} is not finite ({int(bad.sum())} such values)")
+
+
+def check_kept(
+    name: str, xb: torch.Tensor, qb: torch.Tensor, dequantize, scale_at: tuple[int, ...], first: int, lead, per_row: int
+) -> None:
+    """Raise naming the first block the format lost: xb float32 [B, be] quantized to qb uint8
+    [B, bb] has an f16 scale (at byte offsets ``scale_at``) saturated at 65504, or dequantizes to
+    non-finite values or with relative error >= LOST (a scale below f16's subnormals). ``first`` is
+    xb's first block index overall; rows have ``per_row`` blocks, row index over ``lead``."""
+    x64 = xb.double()
+    y = dequantize(qb).reshape(xb.shape).double()
+    norm = x64.norm(dim=1)
+    scales = torch.stack([f16_from_bytes(qb[:, o : o + 2].contiguous()) for o in scale_at], dim=1)
+    bad = (scales.abs() >= F16_MAX).any(dim=1) | ~torch.isfinite(scales).all(dim=1) | ~torch.isfinite(y).all(dim=1)
+    bad |= ((y - x64).norm(dim=1) >= LOST * norm) & (norm > 0)
+    if not bool(bad.any()):
+        return
+    i = int(bad.nonzero()[0, 0])
+    row, blk = divmod(first + i, per_row)
+    idx = list(torch.unravel_index(torch.tensor(row), tuple(lead))) if len(lead) else []
+    be = xb.shape[1]
+    amax = x64[i].abs().max().item()
+    raise ValueError(
+        f"{name}.quantize: row {[int(v) for v in idx]} columns {blk * be}..{(blk + 1) * be - 1}: values up to "
+        f"|x| = {amax:.3g} are outside what {name}'s f16 block scale can represent (the block would come "
+        f"back {'saturated' if bool((scales[i].abs() >= F16_MAX).any()) else 'as noise or zeros'}); "
+        f"rescale the tensor ({int(bad.sum())} such blocks in this chunk)"
+    )
 
 
 def resolve_device(generator: torch.Generator | None, device) -> torch.device:
@@ -314,11 +354,13 @@ def logical_blocks(shape, block_elems: int) -> tuple[tuple[int, ...], int]:
     return shape[:-1], shape[-1] // block_elems
 
 
-def quantize_rows(x: torch.Tensor, importance: torch.Tensor | None, block_elems: int, block_bytes: int, fn):
+def quantize_rows(x: torch.Tensor, importance: torch.Tensor | None, block_elems: int, block_bytes: int, fn,
+                  name: str, dequantize, scale_at: tuple[int, ...]):
     """Drive a per-block quantizer over x float32 [..., K] in row chunks.
 
     ``fn(xb, wb)`` takes values and error weights float32 [B, block_elems] and returns
-    uint8 [B, block_bytes]. Returns uint8 [..., (K // block_elems) * block_bytes].
+    uint8 [B, block_bytes]. Returns uint8 [..., (K // block_elems) * block_bytes]. Each chunk is
+    dequantized back (``dequantize``) and a lost block raises (check_kept; f16 scales at ``scale_at``).
     """
     k = x.shape[-1]
     nb = k // block_elems
@@ -330,5 +372,8 @@ def quantize_rows(x: torch.Tensor, importance: torch.Tensor | None, block_elems:
         xb = rows[r0 : r0 + step]
         r = xb.shape[0]
         wb = w.expand(r, nb, block_elems).reshape(r * nb, block_elems)
-        out[r0 : r0 + r] = fn(xb.reshape(r * nb, block_elems), wb).view(r, nb * block_bytes)
+        xblocks = xb.reshape(r * nb, block_elems)
+        qb = fn(xblocks, wb)
+        check_kept(name, xblocks, qb, dequantize, scale_at, r0 * nb, x.shape[:-1], nb)
+        out[r0 : r0 + r] = qb.view(r, nb * block_bytes)
     return out.reshape(*x.shape[:-1], nb * block_bytes)

@@ -19,6 +19,8 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import IQ2_XXS as _GGUF_IQ2_XXS
 
+from . import _common as C
+
 QTYPE = "IQ2_XXS"
 BLOCK_ELEMS, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_XXS]  # 256, 66
 _GROUPS = BLOCK_ELEMS // 32  # 8 groups of 32 weights, one 4-bit scale each
@@ -321,6 +323,7 @@ def quantize(x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.T
         if not bool(torch.isfinite(importance).all()) or bool((importance < 0).any()):
             raise ValueError("iq2_xxs.quantize: importance must be finite and >= 0")
     lead = x.shape[:-1]
+    C.check_finite(x, QTYPE)
     xf = x.float().contiguous()
     w = _weights(xf, importance)
     xb = xf.reshape(-1, _GROUPS, 4, 8)  # [B, 8, 4, 8]
@@ -330,6 +333,8 @@ def quantize(x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.T
     out = torch.empty(nblk, BLOCK_BYTES, dtype=torch.uint8, device=x.device)
     for i in range(0, nblk, chunk):
         out[i : i + chunk] = _quantize_chunk(xb[i : i + chunk], wb[i : i + chunk])
+        C.check_kept(QTYPE, xb[i : i + chunk].reshape(-1, BLOCK_ELEMS), out[i : i + chunk], dequantize, (0,), i,
+                     lead, k // BLOCK_ELEMS)
     return out.reshape(*lead, (k // BLOCK_ELEMS) * BLOCK_BYTES)
 
 

@@ -15,6 +15,7 @@ from . import _common as C
 
 QTYPE = "Q4_K"
 BLOCK_ELEMS, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]  # 256, 144
+_SCALES = (0, 2)  # byte offsets of the f16 scales d, dmin in a block
 _SUB = 32  # weights per sub-block
 _NSUB = BLOCK_ELEMS // _SUB
 _STD_BASE = 0.02 / 258.3  # d that gives values of std 0.02 for uniform random sc, m, q (dmin = 7.5 d)
@@ -71,7 +72,7 @@ def quantize(x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.T
     else the plain squared error. Runs on x's device.
     """
     C.check_values(x, importance, QTYPE, BLOCK_ELEMS)
-    return C.quantize_rows(x, importance, BLOCK_ELEMS, BLOCK_BYTES, _quantize_blocks)
+    return C.quantize_rows(x, importance, BLOCK_ELEMS, BLOCK_BYTES, _quantize_blocks, QTYPE, dequantize, _SCALES)
 
 
 def random_blocks(shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from . import _common as C
 
 QTYPE = "Q8_0"
 BLOCK_ELEMS, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]  # 32, 34
+_SCALES = (0,)  # byte offset of the f16 scale d in a block
 _STD_BASE = 0.02 / 73.9  # d that gives values of std 0.02 for uniform int8 quants
 # candidate step sizes, as fractions of max|x| / 127; below 1 clips the largest value (or uses -128)
 _STEP_FACTORS = (1.0, 127 / 127.5, 127 / 128, 127 / 128.5, 127 / 129, 127 / 126.5)
@@ -67,7 +68,7 @@ def quantize(x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.T
     else the plain squared error. Runs on x's device.
     """
     C.check_values(x, importance, QTYPE, BLOCK_ELEMS)
-    return C.quantize_rows(x, importance, BLOCK_ELEMS, BLOCK_BYTES, _quantize_blocks)
+    return C.quantize_rows(x, importance, BLOCK_ELEMS, BLOCK_BYTES, _quantize_blocks, QTYPE, dequantize, _SCALES)
 
 
 def random_blocks(shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
