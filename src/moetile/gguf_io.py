@@ -724,6 +724,11 @@ class GGUFFile:
         names = layer_tensor_names(layer)
         where = f"{self.path} layer {_prefix(layer)}"
         self._check_layer_names(names, where)
+        if names["gate"] not in self._tensors:
+            raise TensorNotFoundError(
+                f"{self.path}: no MoE layer {_prefix(layer)} (no tensor {names['gate']!r}); the file's MoE "
+                f"layers: {self.layers() or 'none'}"
+            )
         kw: dict[str, Any] = {}
         for f in ("gate", "up", "down"):
             kw[f] = self.quant_tensor(names[f], device)

@@ -196,6 +196,7 @@ def moe_forward(
     out = _buffer((T, H), torch.float32, x.device)
     if T == 0:
         return out
+    schedule.tile_max_from_env()  # a bad MOETILE_TILE_MAX is an error on every path, not only the kernels'
     if not use_kernel(x.device, "moe_forward"):
         from .reference import ds4_moe_ref
 

@@ -20,8 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--rows", default=None, help="pairs per expert to test (default: 1, w-1, w, w+1, 2w+1 per width)")
     p.add_argument("--widths", default="16,32,64,128,256", help="tile widths")
     p.add_argument("--rhs", default="f32", help="f32 (per-token rhs, as gate/up), f16 (per-pair, as down), or both")
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--experts", type=int, default=8, help="experts E of the test tensors")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     p.set_defaults(func=run)
 
 

@@ -9,25 +9,32 @@ from functools import partial
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="time one routed-MoE layer over prefill chunk sizes and decode")
+    p = sub.add_parser(
+        "bench",
+        help="time one routed-MoE layer over prefill chunk sizes and decode",
+        epilog="In the table, * marks the fastest moetile variant of each routing and T (the torch bf16 "
+        "baseline is never starred); '% floor' is the card's floor (the larger of: weight bytes at the "
+        "copy bandwidth, FLOPs at the f16 matmul rate, both measured at start) as a share of the time.",
+    )
     p.add_argument("--model", default="q2", choices=["q2", "q4"], help="q2: IQ2_XXS gate/up + Q2_K down; q4: Q4_K")
     p.add_argument("--form", default="auto", choices=["auto", "fast", "compact"],
                    help="packed form of IQ2_XXS experts (default auto); other types have one form")
     p.add_argument("--experts", type=int, default=None, help="E (default 256; 8 on CPU)")
-    p.add_argument("--topk", type=int, default=6)
+    p.add_argument("--topk", type=int, default=6, help="experts per token k")
     p.add_argument("--hidden", type=int, default=None, help="H (default 4096; 256 on CPU)")
     p.add_argument("--ffn", type=int, default=None, help="F (default 2048; 256 on CPU)")
-    p.add_argument("--gguf", default=None, help="real weights: a GGUF file (with --layer)")
-    p.add_argument("--layer", type=int, default=3)
+    p.add_argument("--gguf", default=None, help="time real weights: a layer of this GGUF file instead of random ones")
+    p.add_argument("--layer", type=int, default=None, help="layer of --gguf (default: the file's first MoE layer)")
     p.add_argument("--tokens-start", type=int, default=None, help="first prefill T (default 512; 16 on CPU)")
     p.add_argument("--tokens-max", type=int, default=None, help="last prefill T (default 16384; 64 on CPU)")
-    p.add_argument("--step-mul", type=float, default=2.0)
-    p.add_argument("--step-incr", type=int, default=0, help="linear steps of N tokens (overrides --step-mul)")
+    p.add_argument("--step-mul", type=float, default=2.0, help="factor between successive prefill T")
+    p.add_argument("--step-incr", type=int, default=0,
+                   help="linear steps of N tokens instead of --step-mul (0: geometric steps)")
     p.add_argument("--gen-tokens", type=int, default=1, help="decode rows: T=1 ... (0 to skip decode)")
     p.add_argument("--routing", default="uniform", help="uniform, zipf, worst, or a comma list")
     p.add_argument("--widths", default="16,32,64,128,256,auto", help="tile widths to time")
     p.add_argument("--no-baseline", action="store_true", help="skip the torch bf16 baseline")
-    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--reps", type=int, default=20, help="timed repetitions per case (median; 1 on CPU)")
     p.add_argument("--csv", default=None, help="append rows to this CSV")
     p.add_argument("--svg", default=None, help="plot tokens/s against T (matplotlib)")
     p.set_defaults(func=run)
@@ -75,17 +82,18 @@ def run(args) -> int:
     if args.gguf:
         from ..moe import DS4MoE
 
-        w = DS4MoE.from_gguf(args.gguf, args.layer, device=dev, form=args.form).weights
+        layer = first_moe_layer(args.gguf) if args.layer is None else args.layer
+        w = DS4MoE.from_gguf(args.gguf, layer, device=dev, form=args.form).weights
         E, H, F = w.dims
         shape = B.Shape(E=E, k=w.top_k, H=H, F=F)
-        model = f"{args.gguf}:{args.layer}"
+        model = f"{args.gguf}:{layer}"
     else:
         w = B.make_weights(args.model, shape, dev, form=args.form)
         model = args.model
     ceil = B.measure_ceilings() if gpu else None
     base = B.Bf16Baseline(w) if (gpu and not args.no_baseline) else None
     meta = dict(card=torch.cuda.get_device_name() if gpu else "cpu (interpreter)", torch=torch.__version__,
-                triton=triton.__version__, commit=_commit(), model=model,
+                triton=triton.__version__, commit=commit(), model=model,
                 experts=f"{w.gate.qtype}/{w.gate.form}+{w.down.qtype}", E=shape.E, k=shape.k, H=shape.H, F=shape.F)
     if ceil:
         con.print(f"{meta['card']}: copy {ceil.copy_gbs:.0f} GB/s, f16 matmul {ceil.f16_tflops:.0f} TFLOP/s "
@@ -134,7 +142,7 @@ def run(args) -> int:
                   f"{r['pct_floor']:.0f}%" if r["pct_floor"] is not None else "-")
     con.print(t)
     if args.csv:
-        _write_csv(args.csv, rows)
+        write_csv(args.csv, rows)
         con.print(f"rows appended to {args.csv}")
     if args.svg:
         _plot(args.svg, rows, t.title)
@@ -163,7 +171,18 @@ def _row(meta, routing, T, variant, ms, shape, w, ids, floor_ms):
                 floor_ms=floor_ms, pct_floor=(100 * floor_ms / ms) if floor_ms else None)
 
 
-def _write_csv(path, rows):
+def first_moe_layer(path) -> int:
+    """The lowest ``blk.L`` of a GGUF file that holds routed experts."""
+    from ..gguf_io import open_gguf
+
+    layers = open_gguf(path).layers()
+    if not layers:
+        raise ValueError(f"{path} holds no MoE layer (no blk.L.ffn_gate_exps.weight)")
+    return layers[0]
+
+
+def write_csv(path, rows: list[dict]) -> None:
+    """Append ``rows`` to the CSV ``path``, with a header when the file is new or empty."""
     import os
 
     new = not os.path.exists(path) or os.path.getsize(path) == 0
@@ -202,7 +221,7 @@ def _plot(path, rows, title):
     fig.savefig(path)
 
 
-def _commit() -> str:
+def commit() -> str:
     """The commit benchmarked: $MOETILE_COMMIT if set (a copied tree may carry a stale .git), else git's."""
     import os
 

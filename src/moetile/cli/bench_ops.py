@@ -7,14 +7,15 @@ from functools import partial
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench-ops", help="per-op mul_mm_id times per type, T and width, with a bf16 baseline")
+    p = sub.add_parser("bench-ops", help="per-op mul_mm_id times per type, T and width, with a bf16 baseline "
+                       "(needs a CUDA GPU)")
     p.add_argument("--ops", default="IQ2_XXS/fast:gate,IQ2_XXS/compact:gate,Q2_K:down,Q4_K:gate,Q4_K:down",
                    help="comma list of TYPE[/FORM]:gate (N=F, K=H, per-token rhs) or TYPE[/FORM]:down (N=H, K=F, "
                         "f16 per-pair rhs); FORM is fast or compact (IQ2_XXS), default auto")
-    p.add_argument("--tokens", default="1,32,512,2048,8192")
-    p.add_argument("--widths", default="16,32,64,128")
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--csv", default=None)
+    p.add_argument("--tokens", default="1,32,512,2048,8192", help="comma list of token counts T")
+    p.add_argument("--widths", default="16,32,64,128", help="comma list of tile widths")
+    p.add_argument("--reps", type=int, default=10, help="timed repetitions per case (median)")
+    p.add_argument("--csv", default=None, help="write the rows to this CSV (with card and versions)")
     p.set_defaults(func=run)
 
 

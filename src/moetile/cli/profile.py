@@ -4,15 +4,17 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("profile", help="per-stage GPU time of one layer, ds4 layer-stage-profile style")
-    p.add_argument("--model", default="q2", choices=["q2", "q4"])
+    p = sub.add_parser("profile", help="per-stage GPU time of one layer, ds4 layer-stage-profile style "
+                       "(needs a CUDA GPU: the stages are timed with CUDA events)")
+    p.add_argument("--model", default="q2", choices=["q2", "q4"], help="q2: IQ2_XXS gate/up + Q2_K down; q4: Q4_K")
     p.add_argument("--form", default="auto", choices=["auto", "fast", "compact"],
                    help="packed form of IQ2_XXS experts (default auto)")
-    p.add_argument("--tokens", type=int, default=2048, help="T")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens T of the layer call")
     p.add_argument("--tile", default="auto", help="auto, ds4 or a width")
-    p.add_argument("--gate-up", default="auto", choices=["auto", "fused", "split"])
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--csv", default=None)
+    p.add_argument("--gate-up", default="auto", choices=["auto", "fused", "split"],
+                   help="gate/up as one fused kernel or two (auto: the schedule's choice)")
+    p.add_argument("--reps", type=int, default=10, help="timed repetitions (median)")
+    p.add_argument("--csv", default=None, help="append a row per stage to this CSV (header, card, versions, commit)")
     p.set_defaults(func=run)
 
 
@@ -51,8 +53,12 @@ def run(args) -> int:
     t.add_row("total", f"{total:.3f}", "100%")
     con.print(t)
     if args.csv:
-        import csv
+        import triton
 
-        with open(args.csv, "a", newline="") as f:
-            csv.writer(f).writerows([[args.model, args.tokens, n, f"{ms:.4f}"] for n, ms in stages.items()])
+        from .bench import commit, write_csv
+
+        meta = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                    commit=commit(), model=args.model, form=args.form, T=args.tokens, tile=args.tile,
+                    gate_up=args.gate_up, reps=args.reps)
+        write_csv(args.csv, [dict(meta, stage=n, ms=round(ms, 4)) for n, ms in stages.items()])
     return 0

@@ -39,7 +39,7 @@ def run(args) -> int:
         rc |= audit.run(argparse.Namespace(qtype="q4_k", rhs="f32", **dict(a, k=512, widths="32,64")))
     con.rule("bench")
     for model in ("q2", "q4"):
-        b = dict(model=model, form="auto", experts=None, topk=6, hidden=None, ffn=None, gguf=None, layer=3,
+        b = dict(model=model, form="auto", experts=None, topk=6, hidden=None, ffn=None, gguf=None, layer=None,
                  step_mul=4.0 if gpu else 2.0, step_incr=0, gen_tokens=1, routing="uniform",
                  no_baseline=False, reps=20, csv=os.path.join(args.out, "bench.csv"),
                  svg=os.path.join(args.out, f"bench_{model}.svg"))

@@ -43,6 +43,7 @@ def mul_mm_id(
         check_ids_in_range(topk_ids, E)
     if T == 0:
         return out
+    schedule.tile_max_from_env()  # a bad MOETILE_TILE_MAX is an error on every path, not only the kernels'
     if not use_kernel(rhs.device, "mul_mm_id"):
         out.copy_(mul_mm_id_ref(rhs, w, topk_ids, round_f16=True))
         return out
