@@ -53,3 +53,24 @@ def pytest_sessionstart(session):
         from moetile.ops._launch import interpreted
 
         assert interpreted(), "no CUDA and the Triton kernels are not interpreted: the kernel tests would test nothing"
+
+
+@pytest.fixture
+def row_invariant_dot(monkeypatch):
+    """Batch-invariance tests through the interpreter: its tl.dot is numpy's BLAS matmul, whose
+    result for a row depends on the row's place in the tile (OpenBLAS micro-kernels; 1e-6 apart).
+    The GPU's MMA has no such dependence, and the GPU tests check the real kernels bit for bit;
+    here a product that computes every row the same way (numpy's einsum loop) stands in, so these
+    tests check everything else: the plan, the router kernel's blocking, the row bookkeeping."""
+    if HAS_CUDA:
+        return
+    import numpy as np
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.data.dtype not in (np.float16, np.float32) or b.data.dtype not in (np.float16, np.float32):
+            raise NotImplementedError(f"row_invariant_dot: operands {a.data.dtype} x {b.data.dtype}")
+        prod = np.einsum("...mk,...kn->...mn", a.data, b.data, optimize=False, dtype=d.data.dtype)
+        return TensorHandle(prod + d.data, d.dtype.scalar)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", create_dot)

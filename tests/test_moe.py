@@ -313,3 +313,81 @@ def test_ds4_layer_gpu(model):
         ref = ds4_moe_ref(x[s], w, topk_ids=ids[s], topk_weights=rw[s], round_f16=not decode)
         err = row_rel_err(out[s], ref).max().item()
         assert err < (BOUND_DECODE * 10 if decode else BOUND_PREFILL), f"{model} T={T}: {err:.2e}"
+
+
+# ----------------------------------------------------------------------------- deterministic mode
+def _batches(n_base: int, seed: int):
+    """Index lists into a pool of tokens: one token alone (the decode size), small and large
+    batches of other sizes, in shuffled orders, with tokens of the pool's far end mixed in."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randperm(n_base, generator=g)
+    return [pool[:1], pool[:5].flip(0), torch.randperm(n_base, generator=g)[:40], torch.randperm(n_base, generator=g)]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_deterministic_output_does_not_depend_on_the_batch(model, device, monkeypatch, row_invariant_dot):
+    """With deterministic=True a token's output row is the same bits whatever batch it is in (T = 1,
+    5, 40, 70: the default plan changes path and width across these), in whatever position, and
+    still matches the reference. Buffers are poisoned (conftest), so an unwritten row cannot pass."""
+    w = make_weights(*MODELS[model], device)
+    pool = torch.randn(70, H, generator=torch.Generator().manual_seed(5)).to(device) * 3
+    seen = {}
+    for idx in _batches(70, seed=1):
+        out = moe_forward(pool[idx.to(device)], w, deterministic=True)
+        for row, t in enumerate(idx.tolist()):
+            if t in seen:
+                assert torch.equal(out[row], seen[t]), f"{model}: token {t} changed with the batch (T={len(idx)})"
+            seen[t] = out[row]
+    got = torch.stack([seen[t] for t in range(70)])
+    assert row_rel_err(got.cpu(), ds4_moe_ref(pool, w, round_f16=True).cpu()).max() < BOUND_PREFILL
+    # the module and the environment switch take the same plan
+    monkeypatch.setenv(schedule.DETERMINISTIC_ENV, "1")
+    assert torch.equal(DS4MoE(w)(pool[:1]), seen[0].view(1, H))
+    assert torch.equal(moe_forward(pool[:1], w), seen[0].view(1, H))
+
+
+def test_deterministic_reference_path_is_per_token(monkeypatch):
+    """Without a kernel (CPU, no interpreter) deterministic mode computes token by token."""
+    import moetile.moe as moe_mod
+    import moetile.ops.router as router_mod
+
+    monkeypatch.setattr(moe_mod, "use_kernel", lambda device, op: False)
+    monkeypatch.setattr(router_mod, "use_kernel", lambda device, op: False)
+    w = make_weights("Q4_K", "Q4_K", "cpu")
+    pool = torch.randn(9, H, generator=torch.Generator().manual_seed(2))
+    full = moe_forward(pool, w, deterministic=True)
+    for t in (0, 4, 8):
+        assert torch.equal(moe_forward(pool[t : t + 1], w, deterministic=True)[0], full[t])
+    assert row_rel_err(full, ds4_moe_ref(pool, w, round_f16=True)).max() < BOUND_PREFILL
+
+
+def test_deterministic_switch_is_checked(monkeypatch):
+    w = make_weights("Q4_K", "Q4_K", "cpu")
+    with pytest.raises(TypeError, match="deterministic"):
+        moe_forward(torch.randn(2, H), w, deterministic=1)
+    monkeypatch.setenv(schedule.DETERMINISTIC_ENV, "yes")
+    with pytest.raises(ValueError, match="MOETILE_DETERMINISTIC"):
+        moe_forward(torch.randn(2, H), w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", MODELS)
+def test_deterministic_batch_invariance_gpu(model):
+    """DS4 shapes on the GPU: a token's row is the same bits in batches of 1, 3, 8, 300 and 2048
+    tokens (decode and prefill sizes of the default plan), shuffled, and in the skewed batch where
+    every token picks the same experts."""
+    w = make_weights(*MODELS[model], "cuda", E=256, H=4096, F=2048, k=6).packed()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    pool = torch.randn(2048, 4096, device="cuda", generator=g)
+    full = moe_forward(pool, w, deterministic=True)
+    for T in (1, 3, 8, 300, 2047):
+        idx = torch.randperm(2048, device="cuda", generator=g)[:T]
+        assert torch.equal(moe_forward(pool[idx], w, deterministic=True), full[idx]), f"{model} T={T}"
+    ids = torch.arange(6, device="cuda").expand(512, 6).contiguous()  # one crowd of experts
+    rw = torch.rand(512, 6, device="cuda", generator=g)
+    crowd = moe_forward(pool[:512], w, topk_ids=ids, topk_weights=rw, deterministic=True)
+    for t in (0, 17, 511):
+        one = moe_forward(pool[t : t + 1], w, topk_ids=ids[t : t + 1], topk_weights=rw[t : t + 1], deterministic=True)
+        assert torch.equal(one[0], crowd[t]), f"{model}: token {t} of the crowd"
+    ref = ds4_moe_ref(pool[:64], w, round_f16=True)
+    assert row_rel_err(full[:64], ref).max().item() < BOUND_PREFILL

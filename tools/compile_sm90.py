@@ -20,6 +20,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from moetile import schedule  # noqa: E402
 from moetile.kernels.mm_id import mul_mm_id_kernel  # noqa: E402
 from moetile.kernels.mv_id import mul_mv_id_kernel  # noqa: E402
+from moetile.kernels.router import router_logits_kernel  # noqa: E402
 
 # form id -> (policy key, plane pointer types in ops/_launch.kernel_planes views)
 FORMS = {12: ("Q4_K", ("*i32", "*i16", "*i32")), 10: ("Q2_K", ("*i16", "*u8", "*i32")),
@@ -40,7 +41,14 @@ def _planes(p):
 
 
 def variants():
-    """(name, thunk) for every mm shape the policy picks (per form, width, fused) and the mat-vec."""
+    """(name, thunk) for every mm shape the policy picks (per form, width, fused), the mat-vec and the
+    deterministic router."""
+    cfg = schedule.router_config(interpreter=False)
+    for x_t in ("*fp32", "*bf16", "*fp16"):
+        sig = {"x_ptr": x_t, "w_ptr": "*fp16", "out_ptr": "*fp32", "T": "i32", "E": "i32", "H": "i32"}
+        consts = dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_K=cfg.block_k)
+        yield (f"router_logits x={x_t}",
+               lambda s=sig, c=consts: _compile(router_logits_kernel, s, c, cfg.num_warps, 2))
     for form, (key, p) in FORMS.items():
         for width in schedule.WIDTHS:
             for fused in (False, True):

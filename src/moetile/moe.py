@@ -167,13 +167,17 @@ def moe_forward(
     path: str = "auto",
     gate_up: str = "auto",
     validate: bool = True,
+    deterministic: bool | None = None,
     stage_hook=None,
 ) -> torch.Tensor:
     """ffn_out f32 [T, H] = sum_s route_w[t,s] * down_e(SwiGLU(gate_e x, up_e x)) + shared(x).
 
     x: [T, H] f32/bf16/f16 (the ffn_norm output). token_ids: [T] (hash layers only).
     topk_ids int [T, k] and topk_weights f32 [T, k] bypass the router (other MoE models).
-    tile/path/gate_up override schedule.plan_layer (A/B). ``stage_hook(name)``, if given, is
+    tile/path/gate_up override schedule.plan_layer (A/B). ``deterministic`` (None: env
+    ``MOETILE_DETERMINISTIC``): a token's output is the same bits whatever else is in the batch and
+    in whatever order (batch-invariant router and one plan for every T; slower for small and
+    large T, BENCHMARKS.md). ``stage_hook(name)``, if given, is
     called after each stage (route, map, gate_up, down, shared, combine): the profiler records
     CUDA events there. NaN/Inf in a token's x reach only that
     token's output (and, via the router, its expert choice), never other tokens.
@@ -181,12 +185,13 @@ def moe_forward(
     E, H, F = weights.dims
     _check_x(x, H, weights.gate.device)
     T = x.shape[0]
+    det = schedule.resolve_deterministic(deterministic)
     if topk_ids is None:
         if weights.router is None:
             raise ValueError("no router weights: pass topk_ids and topk_weights")
         topk_ids, topk_weights = routing.route(
             x, weights.router, bias=weights.bias, token_ids=token_ids, hash_table=weights.hash_table,
-            k=weights.top_k, scale=weights.scale, validate=validate,
+            k=weights.top_k, scale=weights.scale, validate=validate, deterministic=det,
         )
     else:
         topk_ids, topk_weights = _check_ids(topk_ids, topk_weights, T, E, validate)
@@ -200,18 +205,23 @@ def moe_forward(
     if not use_kernel(x.device, "moe_forward"):
         from .reference import ds4_moe_ref
 
-        ref = ds4_moe_ref(x, weights, topk_ids=topk_ids, topk_weights=topk_weights,
-                          include_shared=include_shared, round_f16=True)
-        return out.copy_(ref)
+        # deterministic: token by token, so that no BLAS call's shape depends on the batch
+        rows = [slice(t, t + 1) for t in range(T)] if det else [slice(0, T)]
+        for r in rows:
+            out[r] = ds4_moe_ref(x[r], weights, topk_ids=topk_ids[r], topk_weights=topk_weights[r],
+                                 include_shared=include_shared, round_f16=True)
+        return out
     weights = weights.packed()  # a no-op for packed weights; QuantTensors pack once (cached)
-    plan = schedule.plan_layer(T, k, E, schedule.form_key(weights.gate), tile=tile, path=path, gate_up=gate_up)
+    plan = schedule.plan_layer(T, k, E, schedule.form_key(weights.gate), tile=tile, path=path, gate_up=gate_up,
+                               deterministic=det)
     y = _routed(x, weights.gate, weights.up, weights.down, topk_ids, topk_weights, plan, weights.clamp, hook)
     shared = None
     if include_shared and weights.has_shared:
         ones_ids = torch.zeros((T, 1), dtype=torch.int32, device=x.device)
         ones_w = torch.ones((T, 1), dtype=torch.float32, device=x.device)
         sg, su, sd = (t.stack() for t in (weights.shared_gate, weights.shared_up, weights.shared_down))
-        splan = schedule.plan_layer(T, 1, 1, schedule.form_key(sg), tile=tile, path=path, gate_up=gate_up)
+        splan = schedule.plan_layer(T, 1, 1, schedule.form_key(sg), tile=tile, path=path, gate_up=gate_up,
+                                    deterministic=det)
         shared = _routed(x, sg, su, sd, ones_ids, ones_w, splan, weights.clamp).view(T, H)
         hook("shared")
     combine_slots(y, out, shared)
@@ -290,15 +300,17 @@ class DS4MoE(torch.nn.Module):
 
     ``forward(x [T, H], token_ids [T] | None) -> f32 [T, H]``. Build with ``from_gguf(path, L)``
     or from quantized tensors (``DS4MoE(MoEWeights(...))``); the experts are packed once, here
-    (``form`` picks the IQ2_XXS form: "auto", "fast" or "compact"). Plan overrides (tile, path,
-    gate_up) are attributes for A/B runs.
+    (``form`` picks the IQ2_XXS form: "auto", "fast" or "compact"). ``deterministic`` (None: env
+    ``MOETILE_DETERMINISTIC``) makes each token's output independent of the batch (moe_forward).
+    Plan overrides (tile, path, gate_up) are attributes for A/B runs.
     """
 
     def __init__(self, weights: MoEWeights, *, form: str = "auto", tile="auto", path: str = "auto",
-                 gate_up: str = "auto"):
+                 gate_up: str = "auto", deterministic: bool | None = None):
         super().__init__()
         self.weights = weights.packed(form)
         self.tile, self.path, self.gate_up = tile, path, gate_up
+        self.deterministic = schedule.resolve_deterministic(deterministic)
 
     @classmethod
     def from_gguf(cls, file, layer: int, device=None, **kw) -> DS4MoE:
@@ -317,11 +329,12 @@ class DS4MoE(torch.nn.Module):
         return cls(w, **kw)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return moe_forward(x, self.weights, token_ids, tile=self.tile, path=self.path, gate_up=self.gate_up)
+        return moe_forward(x, self.weights, token_ids, tile=self.tile, path=self.path, gate_up=self.gate_up,
+                           deterministic=self.deterministic)
 
     def extra_repr(self) -> str:
         E, H, F = self.weights.dims
         g = self.weights.gate
         return (f"E={E}, k={self.weights.top_k}, H={H}, F={F}, experts={g.qtype}/{g.form} + "
                 f"{self.weights.down.qtype}, shared={self.weights.has_shared}, "
-                f"hash={self.weights.hash_table is not None}")
+                f"hash={self.weights.hash_table is not None}, deterministic={self.deterministic}")

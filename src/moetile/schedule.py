@@ -17,6 +17,7 @@ import torch
 
 WIDTHS: tuple[int, ...] = (16, 32, 64, 128, 256)  # token-tile widths the kernels are built for
 TILE_MAX_ENV = "MOETILE_TILE_MAX"
+DETERMINISTIC_ENV = "MOETILE_DETERMINISTIC"
 
 
 # --------------------------------------------------------------------------- expert-major map
@@ -125,6 +126,23 @@ def tile_max_from_env() -> int:
     return val
 
 
+def deterministic_from_env() -> bool:
+    """``MOETILE_DETERMINISTIC``: "1" on, "0" or unset off; anything else is an error."""
+    raw = os.environ.get(DETERMINISTIC_ENV, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{DETERMINISTIC_ENV}={raw!r}: use 1 (batch-invariant results) or 0")
+    return raw == "1"
+
+
+def resolve_deterministic(flag) -> bool:
+    """The layer's deterministic switch: ``flag`` (True/False), or the environment when None."""
+    if flag is None:
+        return deterministic_from_env()
+    if not isinstance(flag, bool):
+        raise TypeError(f"deterministic must be True, False or None (environment), got {flag!r}")
+    return flag
+
+
 def choose_tile(tile, num_tokens: int, top_k: int, num_experts: int) -> int:
     """Token-tile width for one grouped matmul.
 
@@ -229,6 +247,26 @@ def mv_config(interpreter: bool) -> MVConfig:
 _MV_SHAPE = (16, 128, 2)
 
 
+@dataclass(frozen=True)
+class RouterConfig:
+    """Launch shape of the batch-invariant router logits: tokens, experts and hidden inputs per
+    program step, warps."""
+
+    block_t: int
+    block_e: int
+    block_k: int
+    num_warps: int
+
+
+def router_config(interpreter: bool) -> RouterConfig:
+    """Fixed whatever T is (a token's logits must not depend on the batch). Under the interpreter,
+    whose cost is per program, wider blocks."""
+    return RouterConfig(16, 64, 64, 4) if interpreter else RouterConfig(*_ROUTER_SHAPE)
+
+
+_ROUTER_SHAPE = (32, 64, 32, 4)
+
+
 # --------------------------------------------------------------------------- layer plan
 # T at or below this takes the mat-vec path, by gate/up form. H100 crossover of the decode mat-vec
 # against the tiled path with the packed kernels (BENCHMARKS.md §8): q2 fast and q4 between T=4
@@ -237,6 +275,10 @@ DECODE_MAX_TOKENS = {"IQ2_XXS/fast": 4, "IQ2_XXS/compact": 8, "Q2_K": 4, "Q4_K":
 PATHS = ("auto", "decode", "prefill")
 WIDE = 256  # the wide class of the "auto" plan (BENCHMARKS.md §8: skewed routing)
 GATE_UP = ("auto", "fused", "split")
+# deterministic mode's one token-tile width, whatever T and the routing are (the auto policy's pick
+# for DS4 at T = 2048); a tile's rows do not affect each other, so a fixed width and kernel shape
+# make a pair's result independent of the batch
+DETERMINISTIC_WIDTH = 64
 
 
 def _gate_up_default(form: str, width: int) -> str:
@@ -270,13 +312,19 @@ class LayerPlan:
 
 
 def plan_layer(num_tokens: int, top_k: int, num_experts: int, form: str, *, tile="auto",
-               path: str = "auto", gate_up: str = "auto") -> LayerPlan:
+               path: str = "auto", gate_up: str = "auto", deterministic: bool = False) -> LayerPlan:
     """The one place that decides path, tile width and gate/up variant (each overridable).
-    ``form``: the gate/up weights' policy key (``form_key``: "Q4_K", "IQ2_XXS/fast", ...)."""
+    ``form``: the gate/up weights' policy key (``form_key``: "Q4_K", "IQ2_XXS/fast", ...).
+    ``deterministic``: choices that do not depend on T or the routing (the prefill path, one
+    width, one gate/up variant), so a token's result does not depend on the batch around it."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if gate_up not in GATE_UP:
         raise ValueError(f"gate_up must be one of {GATE_UP}, got {gate_up!r}")
+    if deterministic:
+        path = "prefill" if path == "auto" else path
+        if tile in ("auto", "ds4"):
+            tile = min(DETERMINISTIC_WIDTH, tile_max_from_env())
     if path == "auto":
         path = "decode" if num_tokens <= DECODE_MAX_TOKENS[form] else "prefill"
     width = choose_tile(tile, num_tokens, top_k, num_experts)

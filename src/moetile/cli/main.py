@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     prepare()  # before any kernel module is imported: sets the interpreter when there is no GPU
     args = build_parser().parse_args(argv)
     try:
-        from ..schedule import tile_max_from_env
+        from ..schedule import deterministic_from_env, tile_max_from_env
 
-        tile_max_from_env()  # a bad MOETILE_TILE_MAX fails now, not minutes into a run
+        tile_max_from_env()  # a bad MOETILE_TILE_MAX or MOETILE_DETERMINISTIC fails now, not minutes into a run
+        deterministic_from_env()
         return int(args.func(args) or 0)
     except USER_ERRORS as exc:
         if args.debug:
