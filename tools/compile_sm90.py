@@ -48,7 +48,7 @@ def variants():
         sig = {"x_ptr": x_t, "w_ptr": "*fp16", "out_ptr": "*fp32", "T": "i32", "E": "i32", "H": "i32"}
         consts = dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_K=cfg.block_k)
         yield (f"router_logits x={x_t}",
-               lambda s=sig, c=consts: _compile(router_logits_kernel, s, c, cfg.num_warps, 2))
+               lambda s=sig, c=consts: _compile(router_logits_kernel, s, c, cfg.num_warps, cfg.num_stages))
     for form, (key, p) in FORMS.items():
         for width in schedule.WIDTHS:
             for fused in (False, True):

@@ -1,6 +1,6 @@
-"""Cost of deterministic mode on the GPU: router logits (cuBLAS f32 vs the fixed-shape Triton kernel,
-each candidate block shape checked bit for bit across batches) and the whole DS4 layer (router,
-routed experts, shared expert, combine) with deterministic off and on, same run.
+"""Cost of deterministic mode on the GPU, same run: router logits (cuBLAS f32 against the fixed-shape
+Triton kernel) and the whole DS4 layer (router, routed experts, shared expert, combine) with
+deterministic off and on. (Router block shapes: router_sweep.py.)
 
     python3 benchmarks/scripts/deterministic_cost.py OUT_DIR
 """
@@ -14,26 +14,13 @@ from pathlib import Path
 
 import torch
 
-from moetile import schedule
 from moetile.benchmark import Shape, make_weights, time_ms
-from moetile.kernels.router import router_logits_kernel
 from moetile.moe import moe_forward
 from moetile.quant import random_blocks
 from moetile.quant.pack import packed
+from moetile.routing import router_logits
 
 TOKENS = (1, 8, 128, 2048, 8192)
-ROUTER_SHAPES = [(16, 64, 32, 4), (32, 64, 32, 4), (16, 32, 32, 4), (32, 32, 32, 4), (64, 64, 32, 8),
-                 (16, 64, 64, 4), (32, 128, 32, 8), (16, 16, 64, 2)]
-
-
-def router_fixed(x, w, shape):
-    bt, be, bk, warps = shape
-    T, H = x.shape
-    E = w.shape[0]
-    out = torch.empty(T, E, device=x.device)
-    router_logits_kernel[(-(-T // bt), -(-E // be))](x, w, out, T, E, H, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk,
-                                                      num_warps=warps)
-    return out
 
 
 def main(out_dir: Path) -> None:
@@ -44,24 +31,14 @@ def main(out_dir: Path) -> None:
     w = (torch.randn(E, H, device=dev, generator=g) * 0.03).half()
     pool = torch.randn(8192, H, device=dev, generator=g)
     rows = []
-    print("router logits [T, 4096] x [4096, 256] -> f32, ms (median)")
-    print("shape (bt,be,bk,warps) " + " ".join(f"T={T:>5}" for T in TOKENS) + "  bits")
-    base = [time_ms(lambda x=pool[:T]: x.float() @ w.float().t(), reps=50) for T in TOKENS]
-    print(f"{'cuBLAS f32':22} " + " ".join(f"{b:7.4f}" for b in base))
-    rows += [dict(what="router", variant="cublas", T=T, ms=b) for T, b in zip(TOKENS, base, strict=True)]
-    for shape in ROUTER_SHAPES:
-        full = router_fixed(pool, w, shape)
-        ok = all(torch.equal(router_fixed(pool[i], w, shape), full[i])
-                 for i in (torch.randperm(8192, device=dev, generator=g)[:n] for n in (1, 7, 37, 1000)))
-        ref = pool.double() @ w.double().t()
-        err = ((full.double() - ref).abs().max() / ref.abs().max()).item()
-        ts = [time_ms(lambda x=pool[:T]: router_fixed(x, w, shape), reps=50) for T in TOKENS]
-        print(f"{str(shape):22} " + " ".join(f"{t:7.4f}" for t in ts) + f"  {'same' if ok else 'DIFFER'} "
-              f"err {err:.1e}")
-        rows += [dict(what="router", variant=str(shape), T=T, ms=t, bits_same=ok) for T, t in zip(TOKENS, ts,
-                                                                                                     strict=True)]
-    print(f"policy router shape: {schedule.router_config(False)}")
-
+    print("router logits [T, 4096] x [4096, 256] -> f32, ms (median): default (cuBLAS) / deterministic (Triton)")
+    for T in TOKENS:
+        x = pool[:T]
+        t_def = time_ms(lambda x=x: router_logits(x, w), reps=50)
+        t_det = time_ms(lambda x=x: router_logits(x, w, deterministic=True), reps=50)
+        print(f"T={T:5}: default {t_def:7.4f}  deterministic {t_det:7.4f}")
+        rows.append(dict(what="router", variant="default", T=T, ms=t_def))
+        rows.append(dict(what="router", variant="deterministic", T=T, ms=t_det))
     print("\nwhole layer (router, routed, shared Q8_0, combine), validate=False, ms (median)")
     shape = Shape()
     for model in ("q2", "q4"):
@@ -79,7 +56,7 @@ def main(out_dir: Path) -> None:
             rows.append(dict(what="layer", variant=f"{model} default", T=T, ms=t_def))
             rows.append(dict(what="layer", variant=f"{model} deterministic", T=T, ms=t_det))
     with open(out_dir / "deterministic_cost.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=["what", "variant", "T", "ms", "bits_same"])
+        wr = csv.DictWriter(f, fieldnames=["what", "variant", "T", "ms"])
         wr.writeheader()
         wr.writerows(rows)
     print(f"card {torch.cuda.get_device_name()}, torch {torch.__version__}, "

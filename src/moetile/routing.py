@@ -59,8 +59,8 @@ def router_logits(x: torch.Tensor, w_router: torch.Tensor, *, deterministic: boo
     float32 matmul precision: keep TF32 off (torch's default) for float32-accurate logits.
 
     ``deterministic=True``: a token's logits are the same bits whatever else is in the batch
-    (a fixed-shape Triton kernel, IEEE float32 whatever torch's matmul precision; cuBLAS picks its
-    algorithm by T). The two agree to float32 rounding, not bit for bit.
+    (a fixed-shape Triton kernel, float32-accurate 3xTF32 whatever torch's matmul precision; cuBLAS
+    picks its algorithm by T). The two agree to float32 rounding, not bit for bit.
     """
     _check_x_router(x, w_router)
     if deterministic:

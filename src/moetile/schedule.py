@@ -250,21 +250,24 @@ _MV_SHAPE = (16, 128, 2)
 @dataclass(frozen=True)
 class RouterConfig:
     """Launch shape of the batch-invariant router logits: tokens, experts and hidden inputs per
-    program step, warps."""
+    program step, warps, pipelining stages."""
 
     block_t: int
     block_e: int
     block_k: int
     num_warps: int
+    num_stages: int
 
 
 def router_config(interpreter: bool) -> RouterConfig:
     """Fixed whatever T is (a token's logits must not depend on the batch). Under the interpreter,
     whose cost is per program, wider blocks."""
-    return RouterConfig(16, 64, 64, 4) if interpreter else RouterConfig(*_ROUTER_SHAPE)
+    return RouterConfig(16, 64, 64, 4, 1) if interpreter else RouterConfig(*_ROUTER_SHAPE)
 
 
-_ROUTER_SHAPE = (32, 64, 32, 4)
+# the best all-round of 9 shapes on the H100 (BENCHMARKS.md §9, benchmarks/scripts/router_sweep.py):
+# within 1.3x of cuBLAS's float32 SGEMM from T = 1 to 8192
+_ROUTER_SHAPE = (16, 64, 64, 4, 3)
 
 
 # --------------------------------------------------------------------------- layer plan

@@ -12,7 +12,7 @@ from ._launch import interpreted, use_kernel
 
 
 def router_logits_fixed(x: torch.Tensor, w_router: torch.Tensor) -> torch.Tensor:
-    """float32 [T, E] = x @ w_router.T in float32 (IEEE, not TF32), each token's row computed the
+    """float32 [T, E] = x @ w_router.T, float32-accurate (3xTF32), each token's row computed the
     same way whatever T is and wherever the token sits (no batch-size-dependent algorithm choice, as
     cuBLAS makes). x: [T, H] float32/bfloat16/float16; w_router: [E, H] float16/bfloat16/float32
     (both checked by the caller, routing.router_logits)."""
@@ -33,5 +33,5 @@ def router_logits_fixed(x: torch.Tensor, w_router: torch.Tensor) -> torch.Tensor
     cfg = schedule.router_config(interpreted())
     grid = (-(-T // cfg.block_t), -(-E // cfg.block_e))
     router_logits_kernel[grid](x, w, out, T, E, H, BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e,
-                               BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
+                               BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
