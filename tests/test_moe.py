@@ -391,3 +391,36 @@ def test_deterministic_batch_invariance_gpu(model):
         assert torch.equal(one[0], crowd[t]), f"{model}: token {t} of the crowd"
     ref = ds4_moe_ref(pool[:64], w, round_f16=True)
     assert row_rel_err(full[:64], ref).max().item() < BOUND_PREFILL
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("T, hashed", [(1, False), (8, False), (300, False), (5, True)])
+def test_layer_runs_in_a_cuda_graph(model, T, hashed):
+    """DS4MoE(validate=False) forward: no host sync (torch's sync debug mode raises on one), captured
+    in a CUDA graph and replayed on new inputs, bit for bit the eager result of those inputs."""
+    w = make_weights(*MODELS[model], "cuda", E=32, H=1024, F=512, k=6, hash_rows=50 if hashed else 0)
+    layer = DS4MoE(w, validate=False)
+    g = torch.Generator(device="cuda").manual_seed(T)
+    x = torch.randn(T, 1024, device="cuda", generator=g)
+    tok = torch.randint(0, 50, (T,), device="cuda", generator=g) if hashed else None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer(x, tok)  # compile and allocate outside the capture
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            layer(x, tok)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x, tok)
+    for seed in (1, 2):
+        x.copy_(torch.randn(T, 1024, device="cuda", generator=g) * seed)
+        if hashed:
+            tok.copy_(torch.randint(0, 50, (T,), device="cuda", generator=g))
+        graph.replay()
+        assert torch.equal(out, layer(x, tok)), f"{model} T={T}: replay differs from eager"

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import NEAR_TIE, check_topk_against_ref, gen, make_case
 
 from moetile.reference_routing import (
     ds4_scores_ref,
@@ -28,49 +29,7 @@ from moetile.routing import (
     select_topk,
 )
 
-NEAR_TIE = 1e-5  # f32 vs f64 score error is ~1e-6 at H <= 256; closer scores may swap
 CUDA = torch.cuda.is_available()
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def make_case(T: int, E: int, H: int, seed: int, x_dtype=torch.float32, device="cpu"):
-    """x [T, H], f16 router [E, H] with logits of std ~2, f32 bias [E] of std 0.1."""
-    g = gen(seed)
-    x = torch.randn(T, H, generator=g).to(x_dtype)
-    w = (torch.randn(E, H, generator=g) * (2.0 / math.sqrt(H))).to(torch.float16)
-    bias = torch.randn(E, generator=g) * 0.1
-    return x.to(device), w.to(device), bias.to(device)
-
-
-def check_topk_against_ref(x, w, bias, k, ids, weights, scale=1.5) -> int:
-    """Assert ids/weights match the float64 oracle; returns how many tokens had a near-tie."""
-    T, E = x.shape[0], w.shape[0]
-    p_ref = ds4_scores_ref(router_logits_ref(x.cpu(), w.cpu()))  # [T, E] f64
-    s_ref = p_ref + (bias.cpu().double() if bias is not None else 0.0)
-    ids, weights = ids.cpu(), weights.cpu()
-    assert ids.dtype == torch.int32 and ids.shape == (T, k)
-    assert weights.dtype == torch.float32 and weights.shape == (T, k)
-    top = torch.sort(s_ref, dim=1, descending=True).values[:, : min(k + 1, E)]  # [T, k+1]
-    near = ((top[:, :-1] - top[:, 1:]) < NEAR_TIE).any(dim=1)  # any swap-prone pair in the top k+1
-    ids_ref = select_topk_ref(p_ref, bias.cpu() if bias is not None else None, k)
-    clear = ~near
-    mism = (ids[clear] != ids_ref[clear]).any(dim=1)
-    assert not mism.any(), (
-        f"{int(mism.sum())} tokens select differently; first: got {ids[clear][mism][0].tolist()} "
-        f"ref {ids_ref[clear][mism][0].tolist()}"
-    )
-    for t in near.nonzero().flatten().tolist():  # still a valid top-k within the tolerance
-        chosen = s_ref[t, ids[t].long()]
-        assert len(set(ids[t].tolist())) == k
-        assert (chosen >= top[t, k - 1] - NEAR_TIE).all()
-        assert (chosen[:-1] >= chosen[1:] - NEAR_TIE).all()
-    # weights for the ids we chose, computed by the oracle from the unbiased p
-    w_ref = route_weights_ref(p_ref, ids, scale)
-    torch.testing.assert_close(weights.double(), w_ref, rtol=2e-5, atol=1e-7)
-    return int(near.sum())
 
 
 # --------------------------------------------------------------------------------------------

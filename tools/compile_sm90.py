@@ -20,7 +20,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from moetile import schedule  # noqa: E402
 from moetile.kernels.mm_id import mul_mm_id_kernel  # noqa: E402
 from moetile.kernels.mv_id import mul_mv_id_kernel  # noqa: E402
-from moetile.kernels.router import router_logits_kernel  # noqa: E402
+from moetile.kernels.router import route_select_kernel, router_logits_kernel  # noqa: E402
 
 # form id -> (policy key, plane pointer types in ops/_launch.kernel_planes views)
 FORMS = {12: ("Q4_K", ("*i32", "*i16", "*i32")), 10: ("Q2_K", ("*i16", "*u8", "*i32")),
@@ -43,12 +43,18 @@ def _planes(p):
 def variants():
     """(name, thunk) for every mm shape the policy picks (per form, width, fused), the mat-vec and the
     deterministic router."""
-    cfg = schedule.router_config(interpreter=False)
+    cfg = schedule.router_config(4096, interpreter=False)
     for x_t in ("*fp32", "*bf16", "*fp16"):
-        sig = {"x_ptr": x_t, "w_ptr": "*fp16", "out_ptr": "*fp32", "T": "i32", "E": "i32", "H": "i32"}
+        sig = {"x_ptr": x_t, "w_ptr": "*fp16", "part_ptr": "*fp32", "T": "i32", "E": "i32", "H": "i32",
+               "H_CHUNK": "i32"}
         consts = dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_K=cfg.block_k)
         yield (f"router_logits x={x_t}",
                lambda s=sig, c=consts: _compile(router_logits_kernel, s, c, cfg.num_warps, cfg.num_stages))
+    for hashed in (False, True):
+        sig = {"part_ptr": "*fp32", "bias_ptr": "*fp32", "tok_ptr": "*i32", "table_ptr": "*i32", "ids_ptr": "*i32",
+               "wts_ptr": "*fp32", "T": "i32", "E": "i32", "V": "i32", "S": "i32", "scale": "fp32"}
+        consts = dict(TOPK=6, HAS_BIAS=not hashed, HASH=hashed, BLOCK_T=cfg.select_t, BLOCK_E=256, BLOCK_K=8)
+        yield (f"route_select hash={hashed}", lambda s=sig, c=consts: _compile(route_select_kernel, s, c, 4, 2))
     for form, (key, p) in FORMS.items():
         for width in schedule.WIDTHS:
             for fused in (False, True):

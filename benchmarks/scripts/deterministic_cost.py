@@ -50,8 +50,8 @@ def main(out_dir: Path) -> None:
                       shared_down=packed(random_blocks("Q8_0", (H, 2048), sg, dev)))
         for T in TOKENS:
             x = pool[:T]
-            t_def = time_ms(lambda x=x: moe_forward(x, wts, validate=False, deterministic=False), reps=20)
-            t_det = time_ms(lambda x=x: moe_forward(x, wts, validate=False, deterministic=True), reps=20)
+            t_def = time_ms(lambda x=x, wts=wts: moe_forward(x, wts, validate=False, deterministic=False), reps=20)
+            t_det = time_ms(lambda x=x, wts=wts: moe_forward(x, wts, validate=False, deterministic=True), reps=20)
             print(f"{model} T={T:5}: default {t_def:7.3f}  deterministic {t_det:7.3f}  x{t_det / t_def:.2f}")
             rows.append(dict(what="layer", variant=f"{model} default", T=T, ms=t_def))
             rows.append(dict(what="layer", variant=f"{model} deterministic", T=T, ms=t_det))

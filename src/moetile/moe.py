@@ -12,13 +12,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import routing, schedule
+from . import schedule
 from .devices import refuse_meta, resolve
 from .ops._checks import check_clamp, ids_int32
 from .ops._launch import use_kernel
 from .ops.elementwise import combine_slots, swiglu_weight
 from .ops.mul_mm_id import mul_mm_id_mapped
 from .ops.mul_mv_id import launch_mv
+from .ops.router import route
 from .quant import QuantTensor
 from .quant.pack import PackedTensor, packed
 
@@ -176,8 +177,8 @@ def moe_forward(
     topk_ids int [T, k] and topk_weights f32 [T, k] bypass the router (other MoE models).
     tile/path/gate_up override schedule.plan_layer (A/B). ``deterministic`` (None: env
     ``MOETILE_DETERMINISTIC``): a token's output is the same bits whatever else is in the batch and
-    in whatever order (batch-invariant router and one plan for every T; slower for small and
-    large T, BENCHMARKS.md). ``stage_hook(name)``, if given, is
+    in whatever order (one plan for every T; slower for small and large T, BENCHMARKS.md §9; the
+    router kernels are batch-invariant in both modes). ``stage_hook(name)``, if given, is
     called after each stage (route, map, gate_up, down, shared, combine): the profiler records
     CUDA events there. NaN/Inf in a token's x reach only that
     token's output (and, via the router, its expert choice), never other tokens.
@@ -189,7 +190,7 @@ def moe_forward(
     if topk_ids is None:
         if weights.router is None:
             raise ValueError("no router weights: pass topk_ids and topk_weights")
-        topk_ids, topk_weights = routing.route(
+        topk_ids, topk_weights = route(
             x, weights.router, bias=weights.bias, token_ids=token_ids, hash_table=weights.hash_table,
             k=weights.top_k, scale=weights.scale, validate=validate, deterministic=det,
         )
@@ -302,15 +303,18 @@ class DS4MoE(torch.nn.Module):
     or from quantized tensors (``DS4MoE(MoEWeights(...))``); the experts are packed once, here
     (``form`` picks the IQ2_XXS form: "auto", "fast" or "compact"). ``deterministic`` (None: env
     ``MOETILE_DETERMINISTIC``) makes each token's output independent of the batch (moe_forward).
-    Plan overrides (tile, path, gate_up) are attributes for A/B runs.
+    ``validate=False`` skips the value checks that sync with the host (expert and token id ranges),
+    so that a forward can be captured in a CUDA graph. Plan overrides (tile, path, gate_up) are
+    attributes for A/B runs.
     """
 
     def __init__(self, weights: MoEWeights, *, form: str = "auto", tile="auto", path: str = "auto",
-                 gate_up: str = "auto", deterministic: bool | None = None):
+                 gate_up: str = "auto", deterministic: bool | None = None, validate: bool = True):
         super().__init__()
         self.weights = weights.packed(form)
         self.tile, self.path, self.gate_up = tile, path, gate_up
         self.deterministic = schedule.resolve_deterministic(deterministic)
+        self.validate = validate
 
     @classmethod
     def from_gguf(cls, file, layer: int, device=None, **kw) -> DS4MoE:
@@ -330,7 +334,7 @@ class DS4MoE(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         return moe_forward(x, self.weights, token_ids, tile=self.tile, path=self.path, gate_up=self.gate_up,
-                           deterministic=self.deterministic)
+                           deterministic=self.deterministic, validate=self.validate)
 
     def extra_repr(self) -> str:
         E, H, F = self.weights.dims

@@ -5,7 +5,8 @@ Letters: T tokens, H hidden size, E routed experts, k experts per token, V hash-
 Everything here is device-agnostic torch and, unless ``validate=True`` is asked for, free of
 host synchronisation (no ``.item()``, no boolean-mask indexing, no branching on tensor values), so
 a layer that calls :func:`route` can be captured in a CUDA graph. The float64 oracle with the same
-arguments is :mod:`moetile.reference_routing`.
+arguments is :mod:`moetile.reference_routing`. The layer routes with :func:`moetile.ops.router.route`
+(two Triton kernels, the same rules; these torch steps where no kernel runs).
 
 Deterministic rules (ds4 ``8d576642c39b``, CPU and CUDA backends):
 
@@ -47,7 +48,7 @@ __all__ = [
 # the steps
 
 
-def router_logits(x: torch.Tensor, w_router: torch.Tensor, *, deterministic: bool = False) -> torch.Tensor:
+def router_logits(x: torch.Tensor, w_router: torch.Tensor) -> torch.Tensor:
     """float32 [T, E] = x @ w_router.T with float32 operands and float32 accumulation.
 
     x: [T, H] float32/bfloat16/float16 (float64 is rounded to float32). w_router: [E, H]
@@ -57,16 +58,8 @@ def router_logits(x: torch.Tensor, w_router: torch.Tensor, *, deterministic: boo
     Metal prefill (T>8) paths round x to float16 before the matmul, so their logits differ from
     these by up to ~2^-11 relative per product. On CUDA the float32 matmul follows torch's global
     float32 matmul precision: keep TF32 off (torch's default) for float32-accurate logits.
-
-    ``deterministic=True``: a token's logits are the same bits whatever else is in the batch
-    (a fixed-shape Triton kernel, float32-accurate 3xTF32 whatever torch's matmul precision; cuBLAS
-    picks its algorithm by T). The two agree to float32 rounding, not bit for bit.
     """
     _check_x_router(x, w_router)
-    if deterministic:
-        from .ops.router import router_logits_fixed
-
-        return router_logits_fixed(x, w_router)
     return x.to(torch.float32) @ w_router.to(torch.float32).t()  # [T, E]
 
 
@@ -172,7 +165,6 @@ def route(
     k: int = 6,
     scale: float = 1.5,
     validate: bool = False,
-    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ds4 routing of T tokens: (ids int32 [T, k], weights float32 [T, k]).
 
@@ -183,11 +175,10 @@ def route(
     only shape-checked. The weights always come from the unbiased p (see route_weights).
     ``validate=True`` also checks token ids (and the table entries read) against their ranges,
     which syncs with the host; without it nothing syncs (see hash_select for the clamping).
-    ``deterministic=True``: batch-invariant logits (router_logits); every later step is per row.
     """
     _check_route_args(x, w_router, bias, token_ids, hash_table, k, scale)
     E = w_router.shape[0]
-    p = ds4_scores(router_logits(x, w_router, deterministic=deterministic))  # [T, E]
+    p = ds4_scores(router_logits(x, w_router))  # [T, E]
     if hash_table is not None:
         ids = hash_select(token_ids, hash_table, validate=validate, n_experts=E)
     else:

@@ -249,25 +249,32 @@ _MV_SHAPE = (16, 128, 2)
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """Launch shape of the batch-invariant router logits: tokens, experts and hidden inputs per
-    program step, warps, pipelining stages."""
+    """Launch shapes of the router (kernels/router.py). Logits: tokens, experts and inputs per
+    program step, warps, pipelining stages, and ``h_chunk`` inputs per chunk (a multiple of
+    block_k; chunks run in parallel and are summed in order by the select kernel). Select:
+    ``select_t`` tokens per program."""
 
     block_t: int
     block_e: int
     block_k: int
     num_warps: int
     num_stages: int
+    h_chunk: int
+    select_t: int
 
 
-def router_config(interpreter: bool) -> RouterConfig:
-    """Fixed whatever T is (a token's logits must not depend on the batch). Under the interpreter,
-    whose cost is per program, wider blocks."""
-    return RouterConfig(16, 64, 64, 4, 1) if interpreter else RouterConfig(*_ROUTER_SHAPE)
+def router_config(hidden: int, interpreter: bool) -> RouterConfig:
+    """Depends on H only, never on T: a token's logits must not depend on the batch. Under the
+    interpreter, whose cost is per program, wider blocks (and chunks of 128, so that the tests'
+    small H still spans several)."""
+    if interpreter:
+        return RouterConfig(16, 64, 64, 4, 1, 128, 16)
+    bt, be, bk, warps, stages, chunk, st = _ROUTER_SHAPE
+    return RouterConfig(bt, be, bk, warps, stages, min(chunk, -(-hidden // bk) * bk), st)
 
 
-# the best all-round of 9 shapes on the H100 (BENCHMARKS.md §9, benchmarks/scripts/router_sweep.py):
-# within 1.3x of cuBLAS's float32 SGEMM from T = 1 to 8192
-_ROUTER_SHAPE = (16, 64, 64, 4, 3)
+# the best all-round of the shapes swept on the H100 (BENCHMARKS.md §9, benchmarks/scripts/router_sweep.py)
+_ROUTER_SHAPE = (16, 32, 64, 4, 3, 1024, 16)
 
 
 # --------------------------------------------------------------------------- layer plan

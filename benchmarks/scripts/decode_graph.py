@@ -1,0 +1,73 @@
+"""One DS4 layer step (router, routed experts, shared Q8_0 expert, combine) at decode sizes, eager
+against CUDA-graph replay, default and deterministic, same run; the layer at prefill sizes eager.
+
+    python3 benchmarks/scripts/decode_graph.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import triton
+
+from moetile.benchmark import Shape, make_weights, time_ms
+from moetile.moe import DS4MoE
+from moetile.quant import random_blocks
+from moetile.quant.pack import packed
+
+
+def ds4_layer(model: str) -> DS4MoE:
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(1)
+    w = make_weights(model, Shape(), dev)
+    H, Fs = 4096, 2048
+    w = replace(w, router=(torch.randn(256, H, device=dev, generator=g) * 0.03).half(),
+                bias=torch.rand(256, device=dev, generator=g) * 0.05,
+                shared_gate=packed(random_blocks("Q8_0", (Fs, H), g, dev)),
+                shared_up=packed(random_blocks("Q8_0", (Fs, H), g, dev)),
+                shared_down=packed(random_blocks("Q8_0", (H, Fs), g, dev)))
+    return w
+
+
+def graphed(layer, x):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layer(x)
+    return graph
+
+
+def main(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    print("whole DS4 layer step, ms (median of 50)")
+    for model in ("q2", "q4"):
+        w = ds4_layer(model)
+        for det in (False, True):
+            layer = DS4MoE(w, validate=False, deterministic=det)
+            for T in (1, 2, 4, 8, 16, 128, 2048):
+                x = torch.randn(T, 4096, device="cuda")
+                eager = time_ms(lambda x=x, layer=layer: layer(x), reps=50)
+                graph = graphed(layer, x) if T <= 16 else None
+                replay = time_ms(graph.replay, reps=50) if graph is not None else float("nan")
+                mode = "deterministic" if det else "default"
+                print(f"{model} {mode:13} T={T:5}: eager {eager:7.3f}  graph {replay:7.3f}")
+                rows.append(dict(model=model, mode=mode, T=T, eager_ms=eager, graph_ms=replay))
+                del graph
+    with open(out_dir / "decode_graph.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    print(f"card {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "."))
