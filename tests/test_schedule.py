@@ -117,3 +117,14 @@ def test_tile_list_kernel_matches_reference(E, width, device):
         e_ref, r_ref = tile_list_ref(m.counts, width, t.n_tiles, lo, hi)
         assert torch.equal(t.expert.cpu().long(), e_ref), (lo, hi)
         assert torch.equal(t.row.cpu().long(), r_ref), (lo, hi)
+
+
+@pytest.mark.parametrize("T", [1, 7, 300])
+def test_single_expert_map_is_the_sorted_map(T, device):
+    """The shared expert's map, built without a sort, is the map build_expert_map gives."""
+    got = schedule.single_expert_map(T, device)
+    want = schedule.build_expert_map(torch.zeros(T, 1, dtype=torch.int32, device=device), 1)
+    for f in ("sorted_pairs", "offsets", "counts"):
+        a, b = getattr(got, f), getattr(want, f)
+        assert a.dtype == b.dtype and torch.equal(a, b), f
+    assert (got.num_tokens, got.top_k, got.num_experts) == (T, 1, 1)

@@ -167,7 +167,9 @@ def run_layer(w: MoEWeights, x, ids, rw, **plan):
 
 
 def profile_layer(w: MoEWeights, x, token_ids=None, reps: int = 10, **plan) -> dict[str, float]:
-    """Median GPU milliseconds per stage of one full layer (router included)."""
+    """Median GPU milliseconds per stage of one full layer (router included). The stream first
+    sleeps ~10 ms on the GPU so that the host queues the whole layer ahead: a stage's time is its
+    kernels' GPU time, not the host's launch gaps (those are eager vs graph: decode_graph.py)."""
     names: list[str] = []
     events: list = []
 
@@ -181,6 +183,7 @@ def profile_layer(w: MoEWeights, x, token_ids=None, reps: int = 10, **plan) -> d
     for _ in range(reps + 2):
         names.clear()
         events.clear()
+        torch.cuda._sleep(20_000_000)  # cycles: ~10 ms at H100 clocks, longer than the host needs
         hook("start")
         moe_forward(x, w, token_ids, stage_hook=hook, validate=False, **plan)
         torch.cuda.synchronize()

@@ -223,15 +223,18 @@ def moe_forward(
         sg, su, sd = (t.stack() for t in (weights.shared_gate, weights.shared_up, weights.shared_down))
         splan = schedule.plan_layer(T, 1, 1, schedule.form_key(sg), tile=tile, path=path, gate_up=gate_up,
                                     deterministic=det)
-        shared = _routed(x, sg, su, sd, ones_ids, ones_w, splan, weights.clamp).view(T, H)
+        emap = schedule.single_expert_map(T, x.device) if splan.path == "prefill" else None
+        shared = _routed(x, sg, su, sd, ones_ids, ones_w, splan, weights.clamp, emap=emap).view(T, H)
         hook("shared")
     combine_slots(y, out, shared)
     hook("combine")
     return out
 
 
-def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, clamp: float, hook=None) -> torch.Tensor:
-    """y_slots f32 [T, k, H]: route_w * down(SwiGLU_C(gate x, up x)) per (token, slot), C = ``clamp``."""
+def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, clamp: float, hook=None,
+            emap: schedule.ExpertMap | None = None) -> torch.Tensor:
+    """y_slots f32 [T, k, H]: route_w * down(SwiGLU_C(gate x, up x)) per (token, slot), C = ``clamp``;
+    ``emap``: the expert map of ``ids`` when the caller has it without a sort (prefill)."""
     T, k = ids.shape
     E, F, H = gate.shape
     P = T * k
@@ -246,7 +249,7 @@ def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, clamp: fl
         launch_mv(mid.view(T, k, F), down, ids32, k, y.view(P, H))
         hook("down")
         return y
-    emap = schedule.build_expert_map(ids, E)
+    emap = emap if emap is not None else schedule.build_expert_map(ids, E)
     lists = plan.tile_lists(emap)  # each width class writes the rows of its own experts
     hook("map")
     xh = x.to(torch.float16).contiguous()

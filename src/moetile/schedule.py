@@ -75,6 +75,16 @@ def build_expert_map(topk_ids: torch.Tensor, num_experts: int) -> ExpertMap:
     )
 
 
+def single_expert_map(num_tokens: int, device) -> ExpertMap:
+    """The ExpertMap of T pairs all on expert 0 (k = 1, E = 1: the shared expert), in pair order,
+    without a sort; a few elementwise launches, no host sync."""
+    r = torch.arange(3, dtype=torch.int32, device=device)
+    offsets = torch.clamp(r * num_tokens, max=num_tokens)  # [0, T, T]
+    counts = torch.clamp(num_tokens - r[:2] * num_tokens, min=0)  # [T, 0]
+    pairs = torch.arange(num_tokens, dtype=torch.int32, device=device)
+    return ExpertMap(num_tokens, 1, 1, pairs, offsets, counts)
+
+
 def build_tiles(emap: ExpertMap, width: int, min_rows: int = 0, max_rows: int | None = None) -> TileList:
     """Tile list of ``width`` pairs per tile, sized by an upper bound (no host sync): one Triton
     launch (kernels/tiles.py). Only experts with ``min_rows <= count < max_rows`` get tiles (one
@@ -274,7 +284,7 @@ def router_config(hidden: int, interpreter: bool) -> RouterConfig:
 
 
 # the best all-round of the shapes swept on the H100 (BENCHMARKS.md §9, benchmarks/scripts/router_sweep.py)
-_ROUTER_SHAPE = (16, 32, 64, 4, 3, 1024, 16)
+_ROUTER_SHAPE = (64, 64, 32, 4, 3, 1024, 16)
 
 
 # --------------------------------------------------------------------------- layer plan

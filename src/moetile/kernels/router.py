@@ -53,7 +53,8 @@ def router_logits_kernel(
 def _log1p(u):
     """log(1 + u) for u >= 0 to a few ulp (1 + u loses u's low bits; the ratio puts them back)."""
     w = 1.0 + u
-    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+    one = w == 1.0
+    return tl.where(one, u, tl.log(w) * (u / tl.where(one, 1.0, w - 1.0)))
 
 
 @triton.jit
