@@ -19,14 +19,14 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from moetile import schedule  # noqa: E402
 from moetile.kernels.mm_id import mul_mm_id_kernel  # noqa: E402
-from moetile.kernels.mv_id import mul_mv_id_kernel  # noqa: E402
+from moetile.kernels.mv_id import mul_mv_id_kernel, mv_reduce_kernel  # noqa: E402
 from moetile.kernels.router import route_select_kernel, router_logits_kernel  # noqa: E402
 
 # form id -> (policy key, plane pointer types in ops/_launch.kernel_planes views)
 FORMS = {12: ("Q4_K", ("*i32", "*i16", "*i32")), 10: ("Q2_K", ("*i16", "*u8", "*i32")),
          16: ("IQ2_XXS/fast", ("*i32", "*u8", "*fp16")), 17: ("IQ2_XXS/compact", ("*u8", "*i32", "*fp16")),
          8: ("Q8_0", ("*i32", "*fp16", "*fp16"))}
-INTS = {"N", "K", "rhs_stride", "TOPK", "NUM_EXPERTS"}
+INTS = {"N", "K", "K_CHUNK", "rhs_stride", "TOPK", "NUM_EXPERTS"}
 
 
 def _compile(fn, sig, consts, warps, stages):
@@ -69,13 +69,20 @@ def variants():
                        lambda s=sig, c=consts, g=cfg: _compile(mul_mm_id_kernel, s, c, g.num_warps, g.num_stages))
         for fused in (False, True):
             cfg = schedule.mv_config(interpreter=False)
-            sig = {**_planes(p), "rhs_ptr": "*fp32", "ids_ptr": "*i32", "route_w_ptr": "*fp32", "out_ptr": "*fp32",
-                   **{n: "i32" for n in sorted(INTS)}}
-            sig = {k: sig[k] for k in mul_mv_id_kernel.arg_names if k in sig}
-            consts = dict(FORM=form, ASM=cfg.asm, RHS_PER_PAIR=not fused, FUSE_SWIGLU=fused, CLAMP=10.0,
-                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
-            yield (f"mul_mv_id {key} fused={fused}",
-                   lambda s=sig, c=consts, g=cfg: _compile(mul_mv_id_kernel, s, c, g.num_warps, 2))
+            for split in (False, True):
+                sig = {**_planes(p), "rhs_ptr": "*fp32", "ids_ptr": "*i32", "route_w_ptr": "*fp32",
+                       "out_ptr": "*fp32", "part_ptr": "*fp32", "part2_ptr": "*fp32",
+                       **{n: "i32" for n in sorted(INTS)}}
+                sig = {k: sig[k] for k in mul_mv_id_kernel.arg_names if k in sig}
+                consts = dict(FORM=form, ASM=cfg.asm, RHS_PER_PAIR=not fused, FUSE_SWIGLU=fused, CLAMP=10.0,
+                              SPLIT=split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+                yield (f"mul_mv_id {key} fused={fused} split={split}",
+                       lambda s=sig, c=consts, g=cfg: _compile(mul_mv_id_kernel, s, c, g.num_warps, 2))
+    for fused in (False, True):
+        sig = {"part_ptr": "*fp32", "part2_ptr": "*fp32", "route_w_ptr": "*fp32", "out_ptr": "*fp32", "P": "i32",
+               "N": "i32", "S": "i32"}
+        yield (f"mv_reduce fused={fused}", lambda s=sig, f=fused: _compile(
+            mv_reduce_kernel, s, dict(FUSE_SWIGLU=f, CLAMP=10.0, BLOCK=1024), 4, 2))
 
 
 def main() -> int:

@@ -1,6 +1,6 @@
-"""Cost of deterministic mode on the GPU, same run: router logits (cuBLAS f32 against the fixed-shape
-Triton kernel) and the whole DS4 layer (router, routed experts, shared expert, combine) with
-deterministic off and on. (Router block shapes: router_sweep.py.)
+"""Cost of deterministic mode on the GPU, same run: the whole DS4 layer (router, routed experts,
+shared expert, combine), eager, with deterministic off and on. (The router is the same in both
+modes; decode sizes in a CUDA graph: decode_graph.py.)
 
     python3 benchmarks/scripts/deterministic_cost.py OUT_DIR
 """
@@ -18,7 +18,6 @@ from moetile.benchmark import Shape, make_weights, time_ms
 from moetile.moe import moe_forward
 from moetile.quant import random_blocks
 from moetile.quant.pack import packed
-from moetile.routing import router_logits
 
 TOKENS = (1, 8, 128, 2048, 8192)
 
@@ -31,15 +30,7 @@ def main(out_dir: Path) -> None:
     w = (torch.randn(E, H, device=dev, generator=g) * 0.03).half()
     pool = torch.randn(8192, H, device=dev, generator=g)
     rows = []
-    print("router logits [T, 4096] x [4096, 256] -> f32, ms (median): default (cuBLAS) / deterministic (Triton)")
-    for T in TOKENS:
-        x = pool[:T]
-        t_def = time_ms(lambda x=x: router_logits(x, w), reps=50)
-        t_det = time_ms(lambda x=x: router_logits(x, w, deterministic=True), reps=50)
-        print(f"T={T:5}: default {t_def:7.4f}  deterministic {t_det:7.4f}")
-        rows.append(dict(what="router", variant="default", T=T, ms=t_def))
-        rows.append(dict(what="router", variant="deterministic", T=T, ms=t_det))
-    print("\nwhole layer (router, routed, shared Q8_0, combine), validate=False, ms (median)")
+    print("whole layer (router, routed, shared Q8_0, combine), validate=False, ms (median)")
     shape = Shape()
     for model in ("q2", "q4"):
         wts = make_weights(model, shape, dev)

@@ -255,6 +255,22 @@ def mv_config(interpreter: bool) -> MVConfig:
 
 
 _MV_SHAPE = (16, 128, 2)
+# the decode mat-vec cuts K into chunks until its grid has at least this many programs (a few
+# pairs give too few to keep the SMs busy otherwise)
+MV_MIN_PROGRAMS = 1024
+MV_MAX_SPLIT = 8
+
+
+def mv_split(n_rows: int, n_pairs: int, k: int, cfg: MVConfig) -> int:
+    """How many K chunks the decode mat-vec runs in parallel (1: none): the fewest (a power of
+    two, at most MV_MAX_SPLIT) that give MV_MIN_PROGRAMS programs, every chunk a whole number of
+    K steps."""
+    programs = -(-n_rows // cfg.block_n) * n_pairs
+    split = 1
+    while (split < MV_MAX_SPLIT and programs * split < MV_MIN_PROGRAMS
+           and k % (2 * split * cfg.block_k) == 0):
+        split *= 2
+    return split
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import assert_rows_close
 
+from moetile import schedule
 from moetile.ops.mul_mv_id import mul_mv_id
 from moetile.quant import random_blocks
 from moetile.quant.pack import pack
@@ -21,8 +22,18 @@ def _w(qtype, form, device, seed=1):
     return pack(random_blocks(qtype, (E, N, K), generator=torch.Generator().manual_seed(seed)), form).to(device)
 
 
+def _split(monkeypatch, max_split: int, pairs: int, device: str) -> None:
+    """Test-only override of the K-split policy; checks the path asked for is the one taken."""
+    monkeypatch.setattr(schedule, "MV_MAX_SPLIT", max_split)
+    taken = schedule.mv_split(N, pairs, K, schedule.mv_config(interpreter=device != "cuda"))
+    assert (taken > 1) == (max_split > 1), taken
+
+
+@pytest.mark.parametrize("max_split", [1, 8])
 @pytest.mark.parametrize("qtype, form", FORMS)
-def test_matches_reference(qtype, form, device):
+def test_matches_reference(qtype, form, max_split, device, monkeypatch):
+    """With and without K cut into chunks (partial sums added by mv_reduce_kernel)."""
+    _split(monkeypatch, max_split, 6, device)
     w, up = _w(qtype, form, device), _w(qtype, form, device, seed=2)
     g = torch.Generator().manual_seed(0)
     T, k = 3, 2
@@ -44,7 +55,9 @@ def test_matches_reference(qtype, form, device):
     assert_rows_close(mul_mv_id(xp, w, ids).cpu(), mul_mm_id_ref(xp, w, ids).cpu(), BOUND, "per pair")
 
 
-def test_bad_ids_nan_rows_or_error(device):
+@pytest.mark.parametrize("max_split", [1, 8])
+def test_bad_ids_nan_rows_or_error(max_split, device, monkeypatch):
+    _split(monkeypatch, max_split, 4, device)
     w = _w("Q4_K", "auto", device)
     x = torch.randn(2, K).to(device)
     big = torch.tensor([[2**32 + 1, 1], [-1, 3]], dtype=torch.int64).to(device)  # 2^32+1 must not become 1
@@ -55,6 +68,9 @@ def test_bad_ids_nan_rows_or_error(device):
     ok = torch.tensor([[1, 1], [3, 3]], dtype=torch.int32).to(device)
     ref = mul_mm_id_ref(x, w, ok).cpu()
     assert_rows_close(out[:, 1], ref[:, 1], BOUND)
+    fused = mul_mv_id(x, w, big, w_up=w, route_weights=torch.ones(2, 2, device=device), validate=False).cpu()
+    assert torch.isnan(fused[0, 0]).all() and torch.isnan(fused[1, 0]).all(), "a bad id's fused row must be NaN"
+    assert not torch.isnan(fused[:, 1]).any()
 
 
 @pytest.mark.parametrize(

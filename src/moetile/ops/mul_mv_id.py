@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import schedule
-from ..kernels.mv_id import mul_mv_id_kernel
+from ..kernels.mv_id import mul_mv_id_kernel, mv_reduce_kernel
 from ..quant import QuantTensor
 from ..quant.pack import PackedTensor, packed
 from ..reference import mul_mm_id_ref, swiglu_ref
@@ -85,7 +85,12 @@ def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int,
     cfg = config or schedule.mv_config(interpreted())
     if cfg.asm and cfg.block_n < 16:
         raise ValueError(f"mat-vec with PTX decoders needs block_n >= 16 (8 computed wrong values), got {cfg}")
-    grid = (-(-N // cfg.block_n), P)
+    split = schedule.mv_split(N, P, K, cfg)
+    grid = (-(-N // cfg.block_n), P, split)
+    part = part2 = out
+    if split > 1:
+        part = torch.empty((split, P, N), dtype=torch.float32, device=out.device)
+        part2 = torch.empty_like(part) if fused else part
     mul_mv_id_kernel[grid](
         *planes,
         *(kernel_planes(w_up) if fused else planes),
@@ -94,8 +99,11 @@ def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int,
         ids,
         route_weights if fused else out,
         out,
+        part,
+        part2,
         N,
         K,
+        -(-K // split),
         rhs2.stride(0),
         top_k,
         E,
@@ -104,8 +112,13 @@ def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int,
         RHS_PER_PAIR=per_pair,
         FUSE_SWIGLU=fused,
         CLAMP=float(clamp),
+        SPLIT=split > 1,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps,
     )
+    if split > 1:
+        block = 1024
+        mv_reduce_kernel[(P, -(-N // block))](part, part2, route_weights if fused else out, out, P, N, split,
+                                              FUSE_SWIGLU=fused, CLAMP=float(clamp), BLOCK=block)
     return out
