@@ -256,8 +256,9 @@ def mv_config(interpreter: bool) -> MVConfig:
 
 _MV_SHAPE = (16, 128, 2)
 # the decode mat-vec cuts K into chunks until its grid has at least this many programs (a few
-# pairs give too few to keep the SMs busy otherwise)
-MV_MIN_PROGRAMS = 1024
+# pairs give too few to keep the SMs busy otherwise): 512 was best of 1 (never), 512, 1024, 2048
+# and 4096 for a DS4 step in a CUDA graph on the H100, T = 1 and 2 (BENCHMARKS.md §9)
+MV_MIN_PROGRAMS = 512
 MV_MAX_SPLIT = 8
 
 
