@@ -427,3 +427,59 @@ def test_layer_runs_in_a_cuda_graph(model, T, hashed):
             tok.copy_(torch.randint(0, 50, (T,), device="cuda", generator=g))
         graph.replay()
         assert torch.equal(out, layer(x, tok)), f"{model} T={T}: replay differs from eager"
+
+
+# ----------------------------------------------------------------------------- torch.compile
+class _Block(torch.nn.Module):
+    """A model around the layer: a projection, the MoE layer, a residual."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.proj = torch.nn.Linear(H, H)
+        self.moe = DS4MoE(w)
+
+    def forward(self, x, token_ids=None):
+        h = self.proj(x)
+        return x + self.moe(h, token_ids)
+
+
+@pytest.mark.parametrize("hashed", [False, True])
+def test_layer_compiles_with_fullgraph(hashed, device):
+    """torch.compile(fullgraph=True) traces a model using DS4MoE (one custom op with a fake
+    implementation); the compiled model gives the eager result. aot_eager runs the fake
+    implementation through AOT autograd without needing a C++ compiler."""
+    torch._dynamo.reset()
+    w = make_weights("Q4_K", "Q4_K", device, hash_rows=20 if hashed else 0)
+    model = _Block(w).to(device)
+    x = torch.randn(6, H, generator=torch.Generator().manual_seed(4)).to(device)
+    tok = torch.arange(6, device=device) if hashed else None
+    with torch.no_grad():
+        eager = model(x, tok)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(x, tok), eager)
+        model.moe.weights = make_weights("Q4_K", "Q4_K", device, seed=9, hash_rows=20 if hashed else 0).packed()
+        assert torch.equal(compiled(x, tok), model(x, tok)), "the compiled model must use the new weights"
+
+
+def test_custom_op_fake_and_schema(device):
+    """torch.library.opcheck: schema, fake implementation and dispatch of moetile::ds4_moe."""
+    layer = DS4MoE(make_weights("Q4_K", "Q4_K", device))
+    x = torch.randn(3, H, generator=torch.Generator().manual_seed(1)).to(device)
+    torch.library.opcheck(torch.ops.moetile.ds4_moe.default,
+                          (x, None, layer._handle, "auto", "auto", "auto", False, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+def test_layer_compiles_with_inductor_gpu():
+    """The default backend (inductor) on the GPU, with CUDA graphs ("reduce-overhead")."""
+    torch._dynamo.reset()
+    model = _Block(make_weights("IQ2_XXS", "Q2_K", "cuda", E=32, H=H, F=F, k=6)).cuda()
+    x = torch.randn(4, H, device="cuda")
+    with torch.no_grad():
+        eager = model(x)
+        for mode in ("default", "reduce-overhead"):
+            compiled = torch.compile(model, fullgraph=True, mode=mode)
+            for _ in range(3):  # reduce-overhead records its graph on a later call
+                out = compiled(x)
+            torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)

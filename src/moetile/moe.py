@@ -8,11 +8,12 @@ Math and order of operations: ../shared/ds4-moe-reference.md §2-3.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
 
-from . import schedule
+from . import custom_ops, schedule
 from .devices import refuse_meta, resolve
 from .ops._checks import check_clamp, ids_int32
 from .ops._launch import use_kernel
@@ -314,6 +315,8 @@ class DS4MoE(torch.nn.Module):
     def __init__(self, weights: MoEWeights, *, form: str = "auto", tile="auto", path: str = "auto",
                  gate_up: str = "auto", deterministic: bool | None = None, validate: bool = True):
         super().__init__()
+        self._handle = custom_ops.register(None)  # the layer's name inside a compiled graph
+        weakref.finalize(self, custom_ops.unregister, self._handle)
         self.weights = weights.packed(form)
         self.tile, self.path, self.gate_up = tile, path, gate_up
         self.deterministic = schedule.resolve_deterministic(deterministic)
@@ -335,7 +338,19 @@ class DS4MoE(torch.nn.Module):
         )
         return cls(w, **kw)
 
+    @property
+    def weights(self) -> MoEWeights:
+        return self._weights
+
+    @weights.setter
+    def weights(self, weights: MoEWeights) -> None:
+        self._weights = weights
+        custom_ops.update(self._handle, weights)
+
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # one opaque op for torch.compile (custom_ops.py)
+            return torch.ops.moetile.ds4_moe(x, token_ids, self._handle, str(self.tile), self.path, self.gate_up,
+                                             self.deterministic, self.validate)
         return moe_forward(x, self.weights, token_ids, tile=self.tile, path=self.path, gate_up=self.gate_up,
                            deterministic=self.deterministic, validate=self.validate)
 
