@@ -54,6 +54,8 @@ def test_auto_follows_rows_per_expert(monkeypatch):
     assert schedule.choose_tile("auto", 2048, 6, 256) == 64  # 48
     assert schedule.choose_tile("auto", 8192, 6, 256) == 256  # 192
     assert schedule.choose_tile("auto", 4096, 6, 256) == 128  # 96
+    # one expert (the shared expert): a quarter of its rows per tile
+    assert [schedule.choose_tile("auto", T, 1, 1) for T in (8, 128, 512, 2048, 8192)] == [16, 32, 128, 256, 256]
 
 
 @pytest.mark.parametrize("bad", [0, 48, 512, 8, "wide", True, 3.0])

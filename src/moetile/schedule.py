@@ -17,6 +17,9 @@ import torch
 
 WIDTHS: tuple[int, ...] = (16, 32, 64, 128, 256)  # token-tile widths the kernels are built for
 TILE_MAX_ENV = "MOETILE_TILE_MAX"
+# one expert (the shared expert, a dense Q8_0 matmul): the auto width follows T / 4, the best of
+# 16-256 x fused/split at T = 8, 128, 512, 2048, 8192 on the H100 (BENCHMARKS.md §9.6)
+DENSE_ROWS_PER_TILE = 4
 DETERMINISTIC_ENV = "MOETILE_DETERMINISTIC"
 
 
@@ -69,7 +72,9 @@ def build_expert_map(topk_ids: torch.Tensor, num_experts: int) -> ExpertMap:
     counts.scatter_add_(0, ids, torch.ones_like(ids))
     offsets = torch.zeros(num_experts + 2, dtype=torch.int64, device=dev)
     torch.cumsum(counts, 0, out=offsets[1:])
-    sorted_pairs = torch.argsort(ids, stable=True)  # stable: ascending pair id within an expert
+    # stable: ascending pair id within an expert; 16-bit keys take a quarter of the radix passes of 64
+    keys = ids.to(torch.int16) if num_experts < 2**15 - 1 else ids
+    sorted_pairs = torch.argsort(keys, stable=True)
     return ExpertMap(
         T, k, num_experts, sorted_pairs.to(torch.int32), offsets.to(torch.int32), counts.to(torch.int32)
     )
@@ -159,8 +164,8 @@ def choose_tile(tile, num_tokens: int, top_k: int, num_experts: int) -> int:
     ``tile`` is ``"ds4"`` (ds4's rule on the whole batch: 128 if T % 128 == 0, else 64 if
     T % 64 == 0, else 32), ``"auto"`` (the next power of two at or above the mean rows per
     expert T*k/E, clamped to [16, 256]: on the H100 the best width tracked it at T = 128, 512,
-    2048 and 8192 for the packed kernels), or an int in WIDTHS (forced; the env cap does not
-    apply). Policies are capped by
+    2048 and 8192 for the packed kernels; for one expert, a quarter of that: the shared expert's
+    best width at T = 8 to 8192), or an int in WIDTHS (forced; the env cap does not apply). Policies are capped by
     ``MOETILE_TILE_MAX``.
     """
     if isinstance(tile, bool):
@@ -175,6 +180,8 @@ def choose_tile(tile, num_tokens: int, top_k: int, num_experts: int) -> int:
         w = 128 if T % 128 == 0 and T >= 128 else 64 if T % 64 == 0 and T >= 64 else 32
     elif tile == "auto":
         mean_rows = num_tokens * top_k / max(num_experts, 1)
+        if num_experts == 1:  # a dense matmul (the shared expert): narrower tiles, more programs
+            mean_rows /= DENSE_ROWS_PER_TILE
         w = 16
         while w < 256 and w < mean_rows:
             w *= 2
