@@ -18,7 +18,7 @@ import torch
 WIDTHS: tuple[int, ...] = (16, 32, 64, 128, 256)  # token-tile widths the kernels are built for
 TILE_MAX_ENV = "MOETILE_TILE_MAX"
 # one expert (the shared expert, a dense Q8_0 matmul): the auto width follows T / 4, the best of
-# 16-256 x fused/split at T = 8, 128, 512, 2048, 8192 on the H100 (BENCHMARKS.md §9.6)
+# 16-256 x fused/split at T = 8, 128, 512, 2048, 8192 on the H100 (BENCHMARKS.md §9.5)
 DENSE_ROWS_PER_TILE = 4
 DETERMINISTIC_ENV = "MOETILE_DETERMINISTIC"
 
