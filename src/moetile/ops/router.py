@@ -65,9 +65,10 @@ def route(
         V, tok, table = 1, ids, ids
     b = bias.to(torch.float32).contiguous() if bias is not None and not hashed else wts
     block_e = max(16, 1 << (E - 1).bit_length())
-    route_select_kernel[(-(-T // cfg.select_t),)](
+    select_t = max(1, min(cfg.select_t, 16384 // block_e))  # many experts: fewer tokens per program
+    route_select_kernel[(-(-T // select_t),)](
         part, b, tok, table, ids, wts, T, E, V, S, float(scale), TOPK=k, HAS_BIAS=bias is not None and not hashed,
-        HASH=hashed, BLOCK_T=cfg.select_t, BLOCK_E=block_e, BLOCK_K=max(2, 1 << (k - 1).bit_length()),
+        HASH=hashed, BLOCK_T=select_t, BLOCK_E=block_e, BLOCK_K=max(2, 1 << (k - 1).bit_length()),
         num_warps=4,
     )
     return ids, wts
