@@ -314,7 +314,7 @@ _ROUTER_SHAPE = (64, 64, 32, 4, 3, 512, 16)
 
 # --------------------------------------------------------------------------- layer plan
 # T at or below this takes the mat-vec path, by gate/up form. H100, whole DS4 step in a CUDA graph
-# with the K-split mat-vec (BENCHMARKS.md §9.7): q2 fast decode wins to T=12 (16: even), q4 to T=8
+# with the K-split mat-vec (BENCHMARKS.md §9.6): q2 fast decode wins to T=12 (and 16), q4 to T=8
 # (12: prefill); q2 compact between 8 and 16 before the split (§8), kept at 8; Q2_K gate/up and the
 # shared expert (Q8_0) follow q4.
 DECODE_MAX_TOKENS = {"IQ2_XXS/fast": 12, "IQ2_XXS/compact": 8, "Q2_K": 8, "Q4_K": 8, "Q8_0": 8}
