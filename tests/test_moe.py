@@ -346,6 +346,21 @@ def test_deterministic_output_does_not_depend_on_the_batch(model, device, monkey
     assert torch.equal(moe_forward(pool[:1], w), seen[0].view(1, H))
 
 
+def test_deterministic_decode_path_does_not_split_by_batch(device, row_invariant_dot):
+    """A forced mat-vec path stays batch-invariant under deterministic=True: the K split, whose chunk
+    count follows the number of pairs (H = F = 512 lets it cut K in two for small batches), is off."""
+    w = make_weights("Q4_K", "Q4_K", device, H=512, F=512)
+    pool = torch.randn(70, 512, generator=torch.Generator().manual_seed(6)).to(device)
+    cfg = schedule.mv_config(interpreter=device != "cuda")
+    assert schedule.mv_split(512, K_TOP, 512, cfg) > 1  # by default T = 1 would cut K ...
+    assert schedule.mv_split(512, 70 * K_TOP, 512, cfg) == 1  # ... and T = 70 would not
+    assert not schedule.plan_layer(1, K_TOP, E, "Q4_K", path="decode", deterministic=True).mv_split
+    full = moe_forward(pool, w, path="decode", deterministic=True)
+    for t in (0, 33, 69):
+        one = moe_forward(pool[t : t + 1], w, path="decode", deterministic=True)
+        assert torch.equal(one[0], full[t]), f"token {t}"
+
+
 def test_deterministic_reference_path_is_per_token(monkeypatch):
     """Without a kernel (CPU, no interpreter) deterministic mode computes token by token."""
     import moetile.moe as moe_mod
@@ -383,6 +398,9 @@ def test_deterministic_batch_invariance_gpu(model):
     for T in (1, 3, 8, 300, 2047):
         idx = torch.randperm(2048, device="cuda", generator=g)[:T]
         assert torch.equal(moe_forward(pool[idx], w, deterministic=True), full[idx]), f"{model} T={T}"
+    dec = moe_forward(pool[:300], w, path="decode", deterministic=True)  # the mat-vec, forced
+    for T in (1, 8):
+        assert torch.equal(moe_forward(pool[:T], w, path="decode", deterministic=True), dec[:T]), f"decode T={T}"
     ids = torch.arange(6, device="cuda").expand(512, 6).contiguous()  # one crowd of experts
     rw = torch.rand(512, 6, device="cuda", generator=g)
     crowd = moe_forward(pool[:512], w, topk_ids=ids, topk_weights=rw, deterministic=True)

@@ -245,9 +245,9 @@ def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, clamp: fl
     if plan.path == "decode":
         mid = _buffer((P, F), torch.float32, x.device)
         ids32 = ids_int32(ids, E)
-        launch_mv(x, gate, ids32, k, mid, w_up=up, route_weights=rw, clamp=clamp)
+        launch_mv(x, gate, ids32, k, mid, w_up=up, route_weights=rw, clamp=clamp, split=plan.mv_split)
         hook("gate_up")
-        launch_mv(mid.view(T, k, F), down, ids32, k, y.view(P, H))
+        launch_mv(mid.view(T, k, F), down, ids32, k, y.view(P, H), split=plan.mv_split)
         hook("down")
         return y
     emap = emap if emap is not None else schedule.build_expert_map(ids, E)

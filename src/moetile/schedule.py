@@ -269,13 +269,13 @@ MV_MIN_PROGRAMS = 512
 MV_MAX_SPLIT = 8
 
 
-def mv_split(n_rows: int, n_pairs: int, k: int, cfg: MVConfig) -> int:
-    """How many K chunks the decode mat-vec runs in parallel (1: none): the fewest (a power of
-    two, at most MV_MAX_SPLIT) that give MV_MIN_PROGRAMS programs, every chunk a whole number of
-    K steps."""
+def mv_split(n_rows: int, n_pairs: int, k: int, cfg: MVConfig, allowed: bool = True) -> int:
+    """How many K chunks the decode mat-vec runs in parallel (1: none, and always when not
+    ``allowed``): the fewest (a power of two, at most MV_MAX_SPLIT) that give MV_MIN_PROGRAMS
+    programs, every chunk a whole number of K steps."""
     programs = -(-n_rows // cfg.block_n) * n_pairs
     split = 1
-    while (split < MV_MAX_SPLIT and programs * split < MV_MIN_PROGRAMS
+    while (allowed and split < MV_MAX_SPLIT and programs * split < MV_MIN_PROGRAMS
            and k % (2 * split * cfg.block_k) == 0):
         split *= 2
     return split
@@ -340,7 +340,8 @@ class LayerPlan:
     operands); ``width`` the token tile (prefill); ``gate_up`` "fused" or "split". A two-width
     plan (``wide`` > 0) gives experts with at least ``wide_rows`` pairs tiles of ``wide`` pairs
     (gate/up variant ``wide_gate_up``) and the rest tiles of ``width`` (skewed routing: a few
-    crowded experts, many sparse ones)."""
+    crowded experts, many sparse ones). ``mv_split``: may the decode mat-vec cut K into chunks
+    (its chunk count follows the number of pairs, so a deterministic plan says no)."""
 
     path: str
     width: int
@@ -348,6 +349,7 @@ class LayerPlan:
     wide: int = 0
     wide_rows: int = 0
     wide_gate_up: str = "split"
+    mv_split: bool = True
 
     def tile_lists(self, emap: ExpertMap) -> list[tuple[TileList, str]]:
         """(tile list, gate/up variant) of each width class of this plan over ``emap``."""
@@ -381,4 +383,4 @@ def plan_layer(num_tokens: int, top_k: int, num_experts: int, form: str, *, tile
     wide_gate_up = _gate_up_default(form, WIDE) if gate_up == "auto" else gate_up
     if gate_up == "auto":
         gate_up = _gate_up_default(form, width)
-    return LayerPlan(path, width, gate_up, wide, wide_rows, wide_gate_up)
+    return LayerPlan(path, width, gate_up, wide, wide_rows, wide_gate_up, mv_split=not deterministic)

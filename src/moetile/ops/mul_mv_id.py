@@ -69,10 +69,10 @@ def mul_mv_id(
 
 def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int, out: torch.Tensor, *,
               w_up: PackedTensor | None = None, route_weights: torch.Tensor | None = None,
-              clamp: float = 10.0, config: schedule.MVConfig | None = None) -> torch.Tensor:
+              clamp: float = 10.0, config: schedule.MVConfig | None = None, split: bool = True) -> torch.Tensor:
     """Launch over checked inputs: rhs [T, K] or [T, k, K] contiguous, ids int32 [P] (bad ids
     already -1), out f32 [P, N] contiguous, route_weights f32 [P] and SwiGLU ``clamp`` when fused. ``config``
-    overrides schedule.mv_config (A/B runs)."""
+    overrides schedule.mv_config (A/B runs); ``split=False`` never cuts K (deterministic plans)."""
     E, N, K = w.shape
     P = ids.numel()
     if P == 0:
@@ -85,7 +85,7 @@ def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int,
     cfg = config or schedule.mv_config(interpreted())
     if cfg.asm and cfg.block_n < 16:
         raise ValueError(f"mat-vec with PTX decoders needs block_n >= 16 (8 computed wrong values), got {cfg}")
-    split = schedule.mv_split(N, P, K, cfg)
+    split = schedule.mv_split(N, P, K, cfg, allowed=split)
     grid = (-(-N // cfg.block_n), P, split)
     part = part2 = out
     if split > 1:
