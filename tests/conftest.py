@@ -64,13 +64,7 @@ def row_invariant_dot(monkeypatch):
     tests check everything else: the plan, the router kernel's blocking, the row bookkeeping."""
     if HAS_CUDA:
         return
-    import numpy as np
-    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+    from helpers import row_invariant_create_dot
+    from triton.runtime.interpreter import InterpreterBuilder
 
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if a.data.dtype not in (np.float16, np.float32) or b.data.dtype not in (np.float16, np.float32):
-            raise NotImplementedError(f"row_invariant_dot: operands {a.data.dtype} x {b.data.dtype}")
-        prod = np.einsum("...mk,...kn->...mn", a.data, b.data, optimize=False, dtype=d.data.dtype)
-        return TensorHandle(prod + d.data, d.dtype.scalar)
-
-    monkeypatch.setattr(InterpreterBuilder, "create_dot", create_dot)
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", row_invariant_create_dot)

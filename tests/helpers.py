@@ -154,3 +154,24 @@ def check_topk_against_ref(x, w, bias, k, ids, weights, scale=1.5) -> int:
     w_ref = route_weights_ref(p_ref, ids, scale)
     torch.testing.assert_close(weights.double(), w_ref, rtol=2e-5, atol=1e-7)
     return int(near.sum())
+
+
+# ----------------------------------------------------------------------------- interpreter
+def row_invariant_create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+    """Triton interpreter's tl.dot with every row computed the same way wherever it sits in the
+    tile (numpy's einsum loop, not BLAS): see conftest's ``row_invariant_dot``."""
+    from triton.runtime.interpreter import TensorHandle
+
+    if a.data.dtype not in (np.float16, np.float32) or b.data.dtype not in (np.float16, np.float32):
+        raise NotImplementedError(f"row_invariant_dot: operands {a.data.dtype} x {b.data.dtype}")
+    prod = np.einsum("...mk,...kn->...mn", a.data, b.data, optimize=False, dtype=d.data.dtype)
+    return TensorHandle(prod + d.data, d.dtype.scalar)
+
+
+def use_row_invariant_dot() -> None:
+    """The same for a whole process (spawned test workers, which no fixture reaches); CPU only."""
+    if not torch.cuda.is_available():
+        from triton.runtime.interpreter import InterpreterBuilder
+
+        InterpreterBuilder.create_dot = row_invariant_create_dot
+

@@ -219,17 +219,23 @@ def moe_forward(
     y = _routed(x, weights.gate, weights.up, weights.down, topk_ids, topk_weights, plan, weights.clamp, hook)
     shared = None
     if include_shared and weights.has_shared:
-        ones_ids = torch.zeros((T, 1), dtype=torch.int32, device=x.device)
-        ones_w = torch.ones((T, 1), dtype=torch.float32, device=x.device)
-        sg, su, sd = (t.stack() for t in (weights.shared_gate, weights.shared_up, weights.shared_down))
-        splan = schedule.plan_layer(T, 1, 1, schedule.form_key(sg), tile=tile, path=path, gate_up=gate_up,
-                                    deterministic=det)
-        emap = schedule.single_expert_map(T, x.device) if splan.path == "prefill" else None
-        shared = _routed(x, sg, su, sd, ones_ids, ones_w, splan, weights.clamp, emap=emap).view(T, H)
+        shared = _shared(x, weights, dict(tile=tile, path=path, gate_up=gate_up, deterministic=det))
         hook("shared")
     combine_slots(y, out, shared)
     hook("combine")
     return out
+
+
+def _shared(x, weights: MoEWeights, plan_kw: dict) -> torch.Tensor:
+    """f32 [T, H]: the shared expert of every token (weight 1), on the kernels; ``plan_kw`` are
+    plan_layer's overrides."""
+    T = x.shape[0]
+    ones_ids = torch.zeros((T, 1), dtype=torch.int32, device=x.device)
+    ones_w = torch.ones((T, 1), dtype=torch.float32, device=x.device)
+    sg, su, sd = (t.stack() for t in (weights.shared_gate, weights.shared_up, weights.shared_down))
+    splan = schedule.plan_layer(T, 1, 1, schedule.form_key(sg), **plan_kw)
+    emap = schedule.single_expert_map(T, x.device) if splan.path == "prefill" else None
+    return _routed(x, sg, su, sd, ones_ids, ones_w, splan, weights.clamp, emap=emap).view(T, -1)
 
 
 def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, clamp: float, hook=None,

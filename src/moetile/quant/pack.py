@@ -134,6 +134,13 @@ class PackedTensor:
             raise IndexError(f"expert {e} out of range for {n_exp} experts")
         return PackedTensor(self.qtype, self.form, self.shape[1:], {k: v[e] for k, v in self.planes.items()})
 
+    def experts(self, start: int, stop: int) -> PackedTensor:
+        """The (stop - start, N, K) stack of experts start..stop-1 (views, no copy)."""
+        if not 0 <= start < stop <= self.num_experts:
+            raise IndexError(f"experts [{start}, {stop}) out of range for {self.num_experts} experts")
+        return PackedTensor(self.qtype, self.form, (stop - start, *self.shape[1:]),
+                            {k: v[start:stop] for k, v in self.planes.items()})
+
     def stack(self) -> PackedTensor:
         """A plain (N, K) matrix as a one-expert stack (1, N, K), no copy; stacks as they are."""
         if len(self.shape) == 3:

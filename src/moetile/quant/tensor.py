@@ -81,6 +81,12 @@ class QuantTensor:
             raise IndexError(f"expert {e} out of range for {n_exp} experts")
         return QuantTensor(self.data[e], self.qtype, self.shape[1:])
 
+    def experts(self, start: int, stop: int) -> QuantTensor:
+        """The (stop - start, N, K) stack of experts start..stop-1 (a view, no copy)."""
+        if not 0 <= start < stop <= self.num_experts:
+            raise IndexError(f"experts [{start}, {stop}) out of range for {self.num_experts} experts")
+        return QuantTensor(self.data[start:stop], self.qtype, (stop - start, *self.shape[1:]))
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Float tensor of ``shape`` (float32 math, then cast to ``dtype``)."""
         return self.format.module.dequantize(self.data).reshape(self.shape).to(dtype)

@@ -1,0 +1,218 @@
+"""Expert parallelism on torch.distributed: each rank holds E/W of a layer's routed experts (router,
+bias, hash table and shared expert replicated); a rank's tokens stay on it, and each (token, slot)
+pair's row travels to the rank of its expert and its result back, with ``all_to_all_single``. Only
+torch.distributed collectives (NCCL on GPUs, gloo on CPUs): no transport of our own.
+
+Letters: W ranks, T tokens of this rank, k slots, P = T*k pairs, E experts of the layer, n = E/W
+experts per rank, R pairs this rank computes, H hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+
+from . import moe, schedule
+from .moe import MoEWeights
+from .ops._launch import use_kernel
+from .ops.elementwise import combine_slots
+from .ops.router import route
+
+
+@dataclass(frozen=True)
+class ShardedMoE:
+    """Rank ``rank`` of ``world``'s part of one layer: ``local`` holds its experts [first, first + n)
+    (and the shared expert); ``router``/``bias``/``hash_table``, ``top_k``, ``scale`` are the whole
+    layer's, replicated."""
+
+    local: MoEWeights
+    num_experts: int
+    rank: int
+    world: int
+    router: torch.Tensor | None
+    bias: torch.Tensor | None
+    hash_table: torch.Tensor | None
+    top_k: int
+    scale: float
+
+    @property
+    def first(self) -> int:
+        return self.rank * self.local.dims[0]
+
+
+def shard(weights: MoEWeights, rank: int, world: int) -> ShardedMoE:
+    """Rank ``rank``'s part of ``weights``: experts [rank*E/W, (rank+1)*E/W) as views (no copy)."""
+    E = weights.dims[0]
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world must be a positive int, got {world!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+        raise ValueError(f"rank must be an int in [0, {world}), got {rank!r}")
+    if E % world:
+        raise ValueError(f"{E} experts do not split evenly over {world} ranks (E % world = {E % world})")
+    n = E // world
+    a, b = rank * n, (rank + 1) * n
+    local = MoEWeights(
+        weights.gate.experts(a, b), weights.up.experts(a, b), weights.down.experts(a, b),
+        shared_gate=weights.shared_gate, shared_up=weights.shared_up, shared_down=weights.shared_down,
+        top_k=1, scale=weights.scale, clamp=weights.clamp,
+    )
+    return ShardedMoE(local, E, rank, world, weights.router, weights.bias, weights.hash_table, weights.top_k,
+                      weights.scale)
+
+
+def check_agreement(sharded: ShardedMoE, group=None) -> None:
+    """All ranks hold parts of the same layer (E, k, H, F, n, quant types and forms, shared expert,
+    hash table, scale, clamp), and the group is the one the layer was sharded for: one small
+    all_gather. A mismatch raises the same ValueError on every rank (never a hang, never a wrong
+    answer)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    fields, mine = _digest(sharded)
+    dev = _comm_device(sharded.local.gate.device, group)
+    t = torch.tensor(mine + [rank, world, sharded.rank, sharded.world], dtype=torch.float64, device=dev)
+    every = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(every, t, group=group)
+    rows = [e.cpu().tolist() for e in every]
+    n = len(fields)
+    problems = [f"{f} differs: " + ", ".join(f"rank {int(r[n])}: {r[i]:g}" for r in rows)
+                for i, f in enumerate(fields) if len({r[i] for r in rows}) > 1]
+    problems += [f"rank {int(r[n])} of {int(r[n + 1])} holds shard {int(r[n + 2])} of {int(r[n + 3])}"
+                 for r in rows if (r[n], r[n + 1]) != (r[n + 2], r[n + 3])]
+    if problems:
+        raise ValueError("expert-parallel layer: the ranks disagree: " + "; ".join(problems))
+
+
+_QTYPE_CODE = {"Q4_K": 1, "Q2_K": 2, "IQ2_XXS": 3, "Q8_0": 4}
+_FORM_CODE = {"planar": 1, "fast": 2, "compact": 3}
+
+
+def _digest(s: ShardedMoE) -> tuple[list[str], list[float]]:
+    w = s.local
+    E_loc, H, F = w.dims
+
+    def code(t):
+        if t is None:
+            return 0.0
+        return float(_QTYPE_CODE.get(t.qtype, 9) * 10 + _FORM_CODE.get(getattr(t, "form", "planar"), 0))
+
+    d = {"E": s.num_experts, "k": s.top_k, "H": H, "F": F, "n": E_loc, "gate": code(w.gate), "up": code(w.up),
+         "down": code(w.down), "shared": code(w.shared_gate), "shared_F": w.shared_gate.shape[0] if w.has_shared else 0,
+         "router": 0 if s.router is None else 1, "bias": 0 if s.bias is None else 1,
+         "hash_rows": 0 if s.hash_table is None else s.hash_table.shape[0], "scale": s.scale, "clamp": w.clamp}
+    return list(d), [float(v) for v in d.values()]
+
+
+def _comm_device(device: torch.device, group) -> torch.device:
+    """Where a collective's tensors live: the GPU for NCCL, the CPU for gloo."""
+    return device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def ep_moe_forward(
+    x: torch.Tensor,
+    sharded: ShardedMoE,
+    token_ids: torch.Tensor | None = None,
+    *,
+    group=None,
+    topk_ids: torch.Tensor | None = None,
+    topk_weights: torch.Tensor | None = None,
+    include_shared: bool = True,
+    tile="auto",
+    path: str = "auto",
+    gate_up: str = "auto",
+    validate: bool = True,
+    deterministic: bool | None = None,
+) -> torch.Tensor:
+    """f32 [T, H]: moe.moe_forward of this rank's tokens x [T, H] with the experts spread over the
+    group (every rank calls it, T may differ per rank and be 0). The router runs here; each pair's
+    row goes to its expert's rank (one all_to_all of the counts, the only host sync, then rows, local
+    expert ids and route weights), the rank runs its experts on what it received with the same kernels,
+    the results come back, and the k slots are summed in slot order plus the shared expert, as
+    moe_forward does. With a deterministic plan (``deterministic=True``) every pair is computed as in
+    moe_forward on the unsharded layer, so the output is the same bits; with automatic plans the
+    widths follow each rank's counts and agree within the width-to-width tolerance."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if (rank, world) != (sharded.rank, sharded.world):
+        raise ValueError(f"this is rank {rank} of {world}, but the weights are shard {sharded.rank} of "
+                         f"{sharded.world}")
+    if not use_kernel(x.device, "ep_moe_forward"):
+        raise RuntimeError("ep_moe_forward runs the Triton kernels: CUDA tensors, or CPU tensors with "
+                           "TRITON_INTERPRET=1 set before moetile is imported")
+    w = sharded.local.packed()
+    n, H, F = w.dims
+    E = sharded.num_experts
+    moe._check_x(x, H, w.gate.device)
+    det = schedule.resolve_deterministic(deterministic)
+    T = x.shape[0]
+    if topk_ids is None:
+        if sharded.router is None:
+            raise ValueError("no router weights: pass topk_ids and topk_weights")
+        ids, rw = route(x, sharded.router, bias=sharded.bias, token_ids=token_ids, hash_table=sharded.hash_table,
+                        k=sharded.top_k, scale=sharded.scale, validate=validate, deterministic=det)
+    else:
+        ids, rw = moe._check_ids(topk_ids, topk_weights, T, E, validate)
+    k = ids.shape[1]
+    dev = x.device
+    flat = ids.reshape(-1).to(torch.int64)  # [P]
+    ok = (flat >= 0) & (flat < E)
+    dest = torch.where(ok, flat // n, torch.zeros_like(flat))  # a bad id goes to rank 0 as local id -1: NaN row
+    local_id = torch.where(ok, flat - dest * n, torch.full_like(flat, -1)).to(torch.int32)
+    order = torch.argsort(dest, stable=True)  # [P]: pairs grouped by destination rank
+    cdev = _comm_device(dev, group)
+    send = torch.zeros(world, dtype=torch.int64, device=dev).scatter_add_(0, dest, torch.ones_like(dest)).to(cdev)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    send_l, recv_l = send.tolist(), recv.tolist()  # the one host sync
+    R = sum(recv_l)
+
+    def exchange(t: torch.Tensor, rows: int, out_splits, in_splits) -> torch.Tensor:
+        t = t.to(cdev).contiguous()
+        out = t.new_empty((rows, *t.shape[1:]))
+        dist.all_to_all_single(out, t, out_splits, in_splits, group=group)
+        return out.to(dev)
+
+    rx = exchange(x[order // k], R, recv_l, send_l)  # [R, H]
+    rid = exchange(local_id[order], R, recv_l, send_l)  # [R]
+    rrw = exchange(rw.reshape(-1)[order], R, recv_l, send_l)  # [R]
+    ry = _local_experts(rx, rid, rrw, w, dict(tile=tile, path=path, gate_up=gate_up, deterministic=det))  # [R, H]
+    back = exchange(ry, T * k, send_l, recv_l)  # [P, H], in `order`
+    y = torch.empty_like(back).index_copy_(0, order, back).view(T, k, H)
+    out = torch.empty((T, H), dtype=torch.float32, device=dev)
+    if T == 0:
+        return out
+    shared = moe._shared(x, w, dict(tile=tile, path=path, gate_up=gate_up, deterministic=det)) \
+        if include_shared and w.has_shared else None
+    return combine_slots(y, out, shared)
+
+
+def _local_experts(rx, rid, rrw, w: MoEWeights, plan_kw: dict) -> torch.Tensor:
+    """f32 [R, H]: route_w * down(SwiGLU(gate x, up x)) for each received row on its local expert."""
+    R = rx.shape[0]
+    n, H, F = w.dims
+    if R == 0:
+        return torch.empty((0, H), dtype=torch.float32, device=rx.device)
+    plan = schedule.plan_layer(R, 1, n, schedule.form_key(w.gate), **plan_kw)
+    return moe._routed(rx, w.gate, w.up, w.down, rid[:, None], rrw[:, None], plan, w.clamp).view(R, H)
+
+
+class EPMoE(torch.nn.Module):
+    """The DS4 layer with its routed experts spread over a process group. ``forward(x [T, H],
+    token_ids [T] | None) -> f32 [T, H]`` is called by every rank with its own tokens (ep_moe_forward).
+    Built from the whole layer (sharded here: this rank keeps views of its experts) or from a shard;
+    construction checks that every rank holds part of the same layer (check_agreement)."""
+
+    def __init__(self, weights: MoEWeights | ShardedMoE, group=None, *, form: str = "auto", tile="auto",
+                 path: str = "auto", gate_up: str = "auto", deterministic: bool | None = None,
+                 validate: bool = True):
+        super().__init__()
+        if isinstance(weights, MoEWeights):
+            weights = shard(weights, dist.get_rank(group), dist.get_world_size(group))
+        self.sharded = replace(weights, local=weights.local.packed(form))
+        self.group = group
+        self.tile, self.path, self.gate_up, self.validate = tile, path, gate_up, validate
+        self.deterministic = schedule.resolve_deterministic(deterministic)
+        check_agreement(self.sharded, group)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return ep_moe_forward(x, self.sharded, token_ids, group=self.group, tile=self.tile, path=self.path,
+                              gate_up=self.gate_up, validate=self.validate, deterministic=self.deterministic)

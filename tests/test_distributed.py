@@ -1,0 +1,116 @@
+"""Expert parallelism (moetile.distributed) on CPU: gloo process groups of 1, 2 and 4 ranks spawned
+with torch.multiprocessing, kernels through the interpreter, every rank's output bit-identical to
+moe_forward on the unsharded layer for the same tokens (deterministic plans), with uneven and empty
+ranks, skewed routing, a hash layer, the mat-vec path, and the mismatch errors."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import use_row_invariant_dot
+
+from moetile.distributed import EPMoE, ShardedMoE, check_agreement, ep_moe_forward, shard
+from moetile.moe import MoEWeights, moe_forward
+from moetile.quant import random_blocks
+
+E, H, F, K_TOP = 8, 256, 256, 2
+
+
+def _weights(seed=0, F=F, hash_rows=0) -> MoEWeights:
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(shared_gate=random_blocks("Q8_0", (F, H), g), shared_up=random_blocks("Q8_0", (F, H), g),
+              shared_down=random_blocks("Q8_0", (H, F), g))
+    if hash_rows:
+        kw["hash_table"] = torch.stack([torch.randperm(E, generator=g)[:K_TOP] for _ in range(hash_rows)]).int()
+    return MoEWeights(random_blocks("Q4_K", (E, F, H), g), random_blocks("Q4_K", (E, F, H), g),
+                      random_blocks("Q4_K", (E, H, F), g), router=(torch.randn(E, H, generator=g) * 0.1).half(),
+                      bias=torch.rand(E, generator=g) * 0.05, top_k=K_TOP, **kw)
+
+
+def _worker(rank: int, world: int, port: int, case: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        use_row_invariant_dot()
+        if case.get("mismatch"):  # rank 1 loads a layer with another F: every rank must refuse
+            w = _weights(F=F if rank != 1 else 2 * F)
+            with pytest.raises(ValueError, match="disagree.*F differs"):
+                EPMoE(w)
+            return
+        w = _weights(hash_rows=16 if case.get("hash") else 0)
+        sizes = case["sizes"]
+        T_all = sum(sizes)
+        pool = torch.randn(T_all, H, generator=torch.Generator().manual_seed(7)) * 2
+        tok = torch.randint(0, 16, (T_all,), generator=torch.Generator().manual_seed(8))
+        first = sum(sizes[:rank])
+        mine = slice(first, first + sizes[rank])
+        kw = dict(path=case.get("path", "auto"), deterministic=True)
+        if case.get("skewed"):  # every pair on the experts of rank 0
+            ids = torch.stack([torch.randperm(E // world, generator=torch.Generator().manual_seed(t))[:K_TOP]
+                               for t in range(T_all)]).int()
+            rw = torch.rand(T_all, K_TOP, generator=torch.Generator().manual_seed(9))
+            out = ep_moe_forward(pool[mine], shard(w, rank, world), topk_ids=ids[mine], topk_weights=rw[mine], **kw)
+            ref = moe_forward(pool, w, topk_ids=ids, topk_weights=rw, **kw)
+        else:
+            layer = EPMoE(w, **kw)
+            out = layer(pool[mine], tok[mine] if case.get("hash") else None)
+            ref = moe_forward(pool, w, tok if case.get("hash") else None, **kw)
+        assert out.shape == (sizes[rank], H) and out.dtype == torch.float32
+        assert not torch.isnan(out).any()
+        assert torch.equal(out, ref[mine]), f"rank {rank}: max diff {(out - ref[mine]).abs().max():.3e}"
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CASES = {
+    "one rank": (1, dict(sizes=[7])),
+    "two ranks, uneven": (2, dict(sizes=[5, 4])),
+    "four ranks, one empty, mat-vec": (4, dict(sizes=[3, 0, 5, 1], path="decode")),
+    "skewed onto rank 0": (2, dict(sizes=[4, 5], skewed=True)),
+    "hash layer": (2, dict(sizes=[6, 3], hash=True)),
+    "ranks disagree": (2, dict(mismatch=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_expert_parallel_matches_one_process(name):
+    world, case = CASES[name]
+    mp.spawn(_worker, args=(world, _free_port(), case), nprocs=world, join=True)
+
+
+def test_shard_keeps_views_of_its_experts():
+    w = _weights()
+    s = shard(w, 1, 4)
+    assert isinstance(s, ShardedMoE) and s.local.dims == (2, H, F) and s.first == 2
+    assert torch.equal(s.local.gate.data, w.gate.data[2:4])
+    assert s.local.gate.data.data_ptr() == w.gate.data[2].data_ptr()  # a view: no copy
+    assert s.router is w.router and s.local.shared_gate is w.shared_gate and s.top_k == K_TOP
+
+
+@pytest.mark.parametrize("rank, world, match", [(0, 3, "do not split evenly"), (4, 4, "rank must be"),
+                                                (0, 0, "world must be")])
+def test_shard_refuses(rank, world, match):
+    with pytest.raises(ValueError, match=match):
+        shard(_weights(), rank, world)
+
+
+def test_wrong_group_is_refused(tmp_path):
+    """A shard used in a group of another size is refused before any exchange."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        s = shard(_weights(), 0, 2)
+        with pytest.raises(ValueError, match="shard 0 of 2"):
+            ep_moe_forward(torch.randn(2, H), s)
+        with pytest.raises(ValueError, match="holds shard 0 of 2"):
+            check_agreement(s)
+    finally:
+        dist.destroy_process_group()
