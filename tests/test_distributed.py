@@ -32,26 +32,29 @@ def _weights(seed=0, F=F, hash_rows=0) -> MoEWeights:
 
 
 def _worker(rank: int, world: int, port: int, case: dict) -> None:
+    """One rank. On a GPU machine the ranks share its GPUs (the real kernels; gloo moves the rows
+    through host memory); on CPU the kernels run through the interpreter."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         use_row_invariant_dot()
+        dev = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
         if case.get("mismatch"):  # rank 1 loads a layer with another F: every rank must refuse
-            w = _weights(F=F if rank != 1 else 2 * F)
+            w = _weights(F=F if rank != 1 else 2 * F).to(dev)
             with pytest.raises(ValueError, match="disagree.*F differs"):
                 EPMoE(w)
             return
-        w = _weights(hash_rows=16 if case.get("hash") else 0)
+        w = _weights(hash_rows=16 if case.get("hash") else 0).to(dev)
         sizes = case["sizes"]
         T_all = sum(sizes)
-        pool = torch.randn(T_all, H, generator=torch.Generator().manual_seed(7)) * 2
-        tok = torch.randint(0, 16, (T_all,), generator=torch.Generator().manual_seed(8))
+        pool = (torch.randn(T_all, H, generator=torch.Generator().manual_seed(7)) * 2).to(dev)
+        tok = torch.randint(0, 16, (T_all,), generator=torch.Generator().manual_seed(8)).to(dev)
         first = sum(sizes[:rank])
         mine = slice(first, first + sizes[rank])
         kw = dict(path=case.get("path", "auto"), deterministic=True)
         if case.get("skewed"):  # every pair on the experts of rank 0
             ids = torch.stack([torch.randperm(E // world, generator=torch.Generator().manual_seed(t))[:K_TOP]
-                               for t in range(T_all)]).int()
-            rw = torch.rand(T_all, K_TOP, generator=torch.Generator().manual_seed(9))
+                               for t in range(T_all)]).int().to(dev)
+            rw = torch.rand(T_all, K_TOP, generator=torch.Generator().manual_seed(9)).to(dev)
             out = ep_moe_forward(pool[mine], shard(w, rank, world), topk_ids=ids[mine], topk_weights=rw[mine], **kw)
             ref = moe_forward(pool, w, topk_ids=ids, topk_weights=rw, **kw)
         else:
