@@ -51,6 +51,14 @@ def _worker(rank: int, world: int, port: int, case: dict) -> None:
         first = sum(sizes[:rank])
         mine = slice(first, first + sizes[rank])
         kw = dict(path=case.get("path", "auto"), deterministic=True)
+        if case.get("gguf"):  # each rank loads only its experts from the file
+            from moetile.moe import DS4MoE
+
+            layer = DS4MoE.from_gguf(case["gguf"], 0, device=dev, group=dist.group.WORLD, **kw)
+            assert isinstance(layer, EPMoE) and layer.sharded.local.gate.shape[0] == E // world
+            whole = DS4MoE.from_gguf(case["gguf"], 0, device=dev, **kw)
+            assert torch.equal(layer(pool[mine]), whole(pool)[mine]), f"rank {rank}: GGUF layer"
+            return
         if case.get("skewed"):  # every pair on the experts of rank 0
             ids = torch.stack([torch.randperm(E // world, generator=torch.Generator().manual_seed(t))[:K_TOP]
                                for t in range(T_all)]).int().to(dev)
@@ -88,6 +96,17 @@ CASES = {
 def test_expert_parallel_matches_one_process(name):
     world, case = CASES[name]
     mp.spawn(_worker, args=(world, _free_port(), case), nprocs=world, join=True)
+
+
+def test_expert_parallel_layer_from_gguf(tmp_path):
+    """DS4MoE.from_gguf(..., group=) on 2 ranks: each holds E/2 experts, outputs equal the whole layer's."""
+    from moetile.gguf_io import MoELayerTensors, write_moe_layers
+
+    w = _weights()
+    lt = MoELayerTensors(w.gate, w.up, w.down, w.router, w.bias, None, w.shared_gate, w.shared_up, w.shared_down)
+    path = tmp_path / "layer.gguf"
+    write_moe_layers(path, {0: lt}, metadata={"deepseek4.expert_used_count": K_TOP})
+    mp.spawn(_worker, args=(2, _free_port(), dict(sizes=[4, 3], gguf=str(path))), nprocs=2, join=True)
 
 
 def test_shard_keeps_views_of_its_experts():

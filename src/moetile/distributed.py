@@ -213,6 +213,32 @@ class EPMoE(torch.nn.Module):
         self.deterministic = schedule.resolve_deterministic(deterministic)
         check_agreement(self.sharded, group)
 
+    @classmethod
+    def from_gguf(cls, file, layer: int, device=None, group=None, **kw) -> EPMoE:
+        """This rank's part of layer ``layer`` of the GGUF ``file``: the file is memory-mapped and only
+        this rank's experts are copied to ``device`` (the other experts' bytes are never read); the
+        router, bias, hash table and shared expert are loaded whole. ``kw`` as for EPMoE."""
+        from .devices import resolve
+        from .gguf_io import open_gguf
+
+        device = resolve(device)
+        f = open_gguf(file)
+        where = f"{f.path} layer {layer}"
+        hyper = moe.ds4_hyper(f.moe_config(), layer, where)
+        t = f.moe_layer(layer)  # views of the mapped file, checked; nothing copied yet
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        E = t.gate.shape[0]
+        if E % world:
+            raise ValueError(f"{where}: {E} experts do not split evenly over {world} ranks")
+        a, b = rank * (E // world), (rank + 1) * (E // world)
+        dev = lambda v: None if v is None else v.to(device)  # noqa: E731
+        local = MoEWeights(dev(t.gate.experts(a, b)), dev(t.up.experts(a, b)), dev(t.down.experts(a, b)),
+                           shared_gate=dev(t.shared_gate), shared_up=dev(t.shared_up),
+                           shared_down=dev(t.shared_down), top_k=1, scale=hyper["scale"], clamp=hyper["clamp"])
+        sharded = ShardedMoE(local, E, rank, world, dev(t.router), dev(t.bias), dev(t.tid2eid), hyper["top_k"],
+                             hyper["scale"])
+        return cls(sharded, group, **kw)
+
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         return ep_moe_forward(x, self.sharded, token_ids, group=self.group, tile=self.tile, path=self.path,
                               gate_up=self.gate_up, validate=self.validate, deterministic=self.deterministic)

@@ -329,10 +329,16 @@ class DS4MoE(torch.nn.Module):
         self.validate = validate
 
     @classmethod
-    def from_gguf(cls, file, layer: int, device=None, **kw) -> DS4MoE:
+    def from_gguf(cls, file, layer: int, device=None, group=None, **kw) -> DS4MoE:
         """Layer ``layer`` of the GGUF ``file`` (memory-mapped, not dequantized), packed on
         ``device``; ``kw``: ``form`` and the plan overrides (tile, path, gate_up). top_k, scale and
-        the SwiGLU clamp come from the file's metadata (``ds4_hyper``)."""
+        the SwiGLU clamp come from the file's metadata (``ds4_hyper``). With a torch.distributed
+        ``group``: this rank's part of the layer, an expert-parallel ``distributed.EPMoE`` that
+        loads only its own experts."""
+        if group is not None:
+            from .distributed import EPMoE
+
+            return EPMoE.from_gguf(file, layer, device=device, group=group, **kw)
         from .gguf_io import open_gguf
 
         device = resolve(device)  # before any I/O: "CUDA requested but not available" comes first
