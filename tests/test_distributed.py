@@ -43,7 +43,22 @@ def _worker(rank: int, world: int, port: int, case: dict) -> None:
             with pytest.raises(ValueError, match="disagree.*F differs"):
                 EPMoE(w)
             return
+        if case.get("bad_gguf"):  # rank 1 cannot open its file: both ranks raise, neither waits
+            from moetile.moe import DS4MoE
+
+            path = case["bad_gguf"] if rank == 0 else case["bad_gguf"] + ".missing"
+            err, match = (FileNotFoundError, "missing") if rank == 1 else (ValueError, r"rank\(s\) \[1\] failed")
+            with pytest.raises(err, match=match):
+                DS4MoE.from_gguf(path, 0, device=dev, group=dist.group.WORLD)
+            return
         w = _weights(hash_rows=16 if case.get("hash") else 0).to(dev)
+        if case.get("bad_x"):  # rank 1 passes a wrong hidden size: both raise before any exchange
+            layer = EPMoE(w)
+            x = torch.randn(3, H if rank == 0 else H // 2, device=dev)
+            err = "x must be" if rank == 1 else r"rank\(s\) \[1\] failed their input checks"
+            with pytest.raises(ValueError, match=err):
+                layer(x)
+            return
         sizes = case["sizes"]
         T_all = sum(sizes)
         pool = (torch.randn(T_all, H, generator=torch.Generator().manual_seed(7)) * 2).to(dev)
@@ -65,6 +80,11 @@ def _worker(rank: int, world: int, port: int, case: dict) -> None:
             rw = torch.rand(T_all, K_TOP, generator=torch.Generator().manual_seed(9)).to(dev)
             out = ep_moe_forward(pool[mine], shard(w, rank, world), topk_ids=ids[mine], topk_weights=rw[mine], **kw)
             ref = moe_forward(pool, w, topk_ids=ids, topk_weights=rw, **kw)
+        elif case.get("mixed_dtypes"):  # rank 0 passes bf16, the others f32; the rows travel as f32
+            pool = pool.bfloat16().float()
+            x = pool[mine].bfloat16() if rank == 0 else pool[mine]
+            out = EPMoE(w, **kw)(x)
+            ref = moe_forward(pool, w, **kw)
         else:
             layer = EPMoE(w, **kw)
             out = layer(pool[mine], tok[mine] if case.get("hash") else None)
@@ -89,6 +109,8 @@ CASES = {
     "skewed onto rank 0": (2, dict(sizes=[4, 5], skewed=True)),
     "hash layer": (2, dict(sizes=[6, 3], hash=True)),
     "ranks disagree": (2, dict(mismatch=True)),
+    "one rank fails its input checks": (2, dict(bad_x=True)),
+    "mixed activation dtypes": (2, dict(sizes=[3, 4], mixed_dtypes=True)),
 }
 
 
@@ -107,6 +129,7 @@ def test_expert_parallel_layer_from_gguf(tmp_path):
     path = tmp_path / "layer.gguf"
     write_moe_layers(path, {0: lt}, metadata={"deepseek4.expert_used_count": K_TOP})
     mp.spawn(_worker, args=(2, _free_port(), dict(sizes=[4, 3], gguf=str(path))), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), dict(bad_gguf=str(path))), nprocs=2, join=True)
 
 
 def test_shard_keeps_views_of_its_experts():

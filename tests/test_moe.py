@@ -479,6 +479,31 @@ def test_layer_compiles_with_fullgraph(hashed, device):
         assert torch.equal(compiled(x, tok), model(x, tok)), "the compiled model must use the new weights"
 
 
+def test_copies_of_a_layer_get_their_own_handle(device):
+    """deepcopy and torch.save/load give a layer its own registry entry: a copy's new weights never
+    reach the original's compiled graph (and deleting one leaves the other's entry)."""
+    import copy
+    import io
+
+    from moetile import custom_ops
+
+    layer = DS4MoE(make_weights("Q4_K", "Q4_K", device))
+    dup = copy.deepcopy(layer)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert len({layer._handle, dup._handle, loaded._handle}) == 3
+    dup.weights = make_weights("Q4_K", "Q4_K", device, seed=3).packed()
+    assert custom_ops._LAYERS[layer._handle] is layer.weights and custom_ops._LAYERS[dup._handle] is dup.weights
+    handle = dup._handle
+    del dup
+    import gc
+
+    gc.collect()
+    assert handle not in custom_ops._LAYERS and custom_ops._LAYERS[loaded._handle] is loaded.weights
+
+
 def test_custom_op_fake_and_schema(device):
     """torch.library.opcheck: schema, fake implementation and dispatch of moetile::ds4_moe."""
     layer = DS4MoE(make_weights("Q4_K", "Q4_K", device))

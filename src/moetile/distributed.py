@@ -62,19 +62,30 @@ def shard(weights: MoEWeights, rank: int, world: int) -> ShardedMoE:
                       weights.scale)
 
 
-def check_agreement(sharded: ShardedMoE, group=None) -> None:
+def check_agreement(sharded: ShardedMoE | None, group=None, failure: BaseException | None = None) -> None:
     """All ranks hold parts of the same layer (E, k, H, F, n, quant types and forms, shared expert,
     hash table, scale, clamp), and the group is the one the layer was sharded for: one small
     all_gather. A mismatch raises the same ValueError on every rank (never a hang, never a wrong
-    answer)."""
+    answer). A rank whose own loading failed calls it with ``failure`` (and no shard): it re-raises
+    that, and every other rank raises too."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    fields, mine = _digest(sharded)
-    dev = _comm_device(sharded.local.gate.device, group)
-    t = torch.tensor(mine + [rank, world, sharded.rank, sharded.world], dtype=torch.float64, device=dev)
+    if sharded is None:
+        fields, mine, where = _digest_fields(), [0.0] * len(_digest_fields()), None
+        shard_of = [-1, -1]
+    else:
+        fields, mine = _digest(sharded)
+        where, shard_of = sharded.local.gate.device, [sharded.rank, sharded.world]
+    t = torch.tensor(mine + [rank, world, *shard_of, float(failure is not None)], dtype=torch.float64,
+                     device=_comm_device(where, group))
     every = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(every, t, group=group)
+    if failure is not None:
+        raise failure
     rows = [e.cpu().tolist() for e in every]
     n = len(fields)
+    failed = [int(r[n]) for r in rows if r[n + 4]]
+    if failed:
+        raise ValueError(f"expert-parallel layer: rank(s) {failed} failed to load their part (see their error)")
     problems = [f"{f} differs: " + ", ".join(f"rank {int(r[n])}: {r[i]:g}" for r in rows)
                 for i, f in enumerate(fields) if len({r[i] for r in rows}) > 1]
     problems += [f"rank {int(r[n])} of {int(r[n + 1])} holds shard {int(r[n + 2])} of {int(r[n + 3])}"
@@ -85,6 +96,11 @@ def check_agreement(sharded: ShardedMoE, group=None) -> None:
 
 _QTYPE_CODE = {"Q4_K": 1, "Q2_K": 2, "IQ2_XXS": 3, "Q8_0": 4}
 _FORM_CODE = {"planar": 1, "fast": 2, "compact": 3}
+
+
+def _digest_fields() -> list[str]:
+    return ["E", "k", "H", "F", "n", "gate", "up", "down", "shared", "shared_F", "router", "bias", "hash_rows",
+            "scale", "clamp"]
 
 
 def _digest(s: ShardedMoE) -> tuple[list[str], list[float]]:
@@ -100,12 +116,21 @@ def _digest(s: ShardedMoE) -> tuple[list[str], list[float]]:
          "down": code(w.down), "shared": code(w.shared_gate), "shared_F": w.shared_gate.shape[0] if w.has_shared else 0,
          "router": 0 if s.router is None else 1, "bias": 0 if s.bias is None else 1,
          "hash_rows": 0 if s.hash_table is None else s.hash_table.shape[0], "scale": s.scale, "clamp": w.clamp}
+    assert list(d) == _digest_fields()
     return list(d), [float(v) for v in d.values()]
 
 
-def _comm_device(device: torch.device, group) -> torch.device:
-    """Where a collective's tensors live: the GPU for NCCL, the CPU for gloo."""
-    return device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+def _comm_device(device: torch.device | None, group) -> torch.device:
+    """Where a collective's tensors live: CUDA tensors stay on their GPU where NCCL serves the group
+    (alone or beside gloo); a group served by gloo alone exchanges through host memory."""
+    backend = str(dist.get_backend(group))
+    if "nccl" not in backend:
+        return torch.device("cpu")
+    if device is not None and device.type == "cuda":
+        return device
+    if "gloo" in backend:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def ep_moe_forward(
@@ -131,38 +156,28 @@ def ep_moe_forward(
     moe_forward does. With a deterministic plan (``deterministic=True``) every pair is computed as in
     moe_forward on the unsharded layer, so the output is the same bits; with automatic plans the
     widths follow each rank's counts and agree within the width-to-width tolerance."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if (rank, world) != (sharded.rank, sharded.world):
-        raise ValueError(f"this is rank {rank} of {world}, but the weights are shard {sharded.rank} of "
-                         f"{sharded.world}")
-    if not use_kernel(x.device, "ep_moe_forward"):
-        raise RuntimeError("ep_moe_forward runs the Triton kernels: CUDA tensors, or CPU tensors with "
-                           "TRITON_INTERPRET=1 set before moetile is imported")
-    w = sharded.local.packed()
-    n, H, F = w.dims
-    E = sharded.num_experts
-    moe._check_x(x, H, w.gate.device)
-    det = schedule.resolve_deterministic(deterministic)
-    T = x.shape[0]
-    if topk_ids is None:
-        if sharded.router is None:
-            raise ValueError("no router weights: pass topk_ids and topk_weights")
-        ids, rw = route(x, sharded.router, bias=sharded.bias, token_ids=token_ids, hash_table=sharded.hash_table,
-                        k=sharded.top_k, scale=sharded.scale, validate=validate, deterministic=det)
-    else:
-        ids, rw = moe._check_ids(topk_ids, topk_weights, T, E, validate)
-    k = ids.shape[1]
-    dev = x.device
-    flat = ids.reshape(-1).to(torch.int64)  # [P]
-    ok = (flat >= 0) & (flat < E)
-    dest = torch.where(ok, flat // n, torch.zeros_like(flat))  # a bad id goes to rank 0 as local id -1: NaN row
-    local_id = torch.where(ok, flat - dest * n, torch.full_like(flat, -1)).to(torch.int32)
-    order = torch.argsort(dest, stable=True)  # [P]: pairs grouped by destination rank
+    world = dist.get_world_size(group)
+    dev = sharded.local.gate.device
     cdev = _comm_device(dev, group)
-    send = torch.zeros(world, dtype=torch.int64, device=dev).scatter_add_(0, dest, torch.ones_like(dest)).to(cdev)
+    try:  # this rank's own checks and routing; a failure is announced to every rank before it raises
+        w, ids, rw, dest, local_id, order, det = _prepare(x, sharded, token_ids, group, topk_ids, topk_weights,
+                                                           validate, deterministic)
+        send = torch.zeros(world, dtype=torch.int64, device=dev).scatter_add_(0, dest, torch.ones_like(dest))
+        send = send.to(cdev)
+        failure = None
+    except (ValueError, TypeError, RuntimeError, LookupError) as exc:
+        failure, send = exc, torch.full((world,), -1, dtype=torch.int64, device=cdev)
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
+    dist.all_to_all_single(recv, send, group=group)  # counts; -1: the sender failed its checks
     send_l, recv_l = send.tolist(), recv.tolist()  # the one host sync
+    if failure is not None:
+        raise failure
+    if min(recv_l) < 0:
+        bad = [r for r, c in enumerate(recv_l) if c < 0]
+        raise ValueError(f"expert-parallel forward: rank(s) {bad} failed their input checks (see their error); "
+                         "nothing was exchanged")
+    n, H, F = w.dims
+    T, k = ids.shape
     R = sum(recv_l)
 
     def exchange(t: torch.Tensor, rows: int, out_splits, in_splits) -> torch.Tensor:
@@ -171,7 +186,7 @@ def ep_moe_forward(
         dist.all_to_all_single(out, t, out_splits, in_splits, group=group)
         return out.to(dev)
 
-    rx = exchange(x[order // k], R, recv_l, send_l)  # [R, H]
+    rx = exchange(x[order // k].float(), R, recv_l, send_l)  # [R, H]; f32 whatever each rank's x dtype
     rid = exchange(local_id[order], R, recv_l, send_l)  # [R]
     rrw = exchange(rw.reshape(-1)[order], R, recv_l, send_l)  # [R]
     ry = _local_experts(rx, rid, rrw, w, dict(tile=tile, path=path, gate_up=gate_up, deterministic=det))  # [R, H]
@@ -183,6 +198,39 @@ def ep_moe_forward(
     shared = moe._shared(x, w, dict(tile=tile, path=path, gate_up=gate_up, deterministic=det)) \
         if include_shared and w.has_shared else None
     return combine_slots(y, out, shared)
+
+
+def _prepare(x, sharded: ShardedMoE, token_ids, group, topk_ids, topk_weights, validate, deterministic):
+    """This rank's part before any exchange: checks, routing, and each pair's destination rank,
+    local expert id and place in the send order."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if (rank, world) != (sharded.rank, sharded.world):
+        raise ValueError(f"this is rank {rank} of {world}, but the weights are shard {sharded.rank} of "
+                         f"{sharded.world}")
+    if not use_kernel(x.device if isinstance(x, torch.Tensor) else torch.device("cpu"), "ep_moe_forward"):
+        raise RuntimeError("ep_moe_forward runs the Triton kernels: CUDA tensors, or CPU tensors with "
+                           "TRITON_INTERPRET=1 set before moetile is imported")
+    w = sharded.local.packed()
+    n, H, F = w.dims
+    E = sharded.num_experts
+    if E != n * world:
+        raise ValueError(f"the shard holds {n} experts, but {E} experts over {world} ranks need {E // world}")
+    moe._check_x(x, H, w.gate.device)
+    det = schedule.resolve_deterministic(deterministic)
+    T = x.shape[0]
+    if topk_ids is None:
+        if sharded.router is None:
+            raise ValueError("no router weights: pass topk_ids and topk_weights")
+        ids, rw = route(x, sharded.router, bias=sharded.bias, token_ids=token_ids, hash_table=sharded.hash_table,
+                        k=sharded.top_k, scale=sharded.scale, validate=validate, deterministic=det)
+    else:
+        ids, rw = moe._check_ids(topk_ids, topk_weights, T, E, validate)
+    flat = ids.reshape(-1).to(torch.int64)  # [P]
+    ok = (flat >= 0) & (flat < E)
+    dest = torch.where(ok, flat // n, torch.zeros_like(flat))  # a bad id goes to rank 0 as local id -1: NaN row
+    local_id = torch.where(ok, flat - dest * n, torch.full_like(flat, -1)).to(torch.int32)
+    order = torch.argsort(dest, stable=True)  # [P]: pairs grouped by destination rank
+    return w, ids, rw, dest, local_id, order, det
 
 
 def _local_experts(rx, rid, rrw, w: MoEWeights, plan_kw: dict) -> torch.Tensor:
@@ -221,22 +269,27 @@ class EPMoE(torch.nn.Module):
         from .devices import resolve
         from .gguf_io import open_gguf
 
-        device = resolve(device)
-        f = open_gguf(file)
-        where = f"{f.path} layer {layer}"
-        hyper = moe.ds4_hyper(f.moe_config(), layer, where)
-        t = f.moe_layer(layer)  # views of the mapped file, checked; nothing copied yet
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        E = t.gate.shape[0]
-        if E % world:
-            raise ValueError(f"{where}: {E} experts do not split evenly over {world} ranks")
-        a, b = rank * (E // world), (rank + 1) * (E // world)
-        dev = lambda v: None if v is None else v.to(device)  # noqa: E731
-        local = MoEWeights(dev(t.gate.experts(a, b)), dev(t.up.experts(a, b)), dev(t.down.experts(a, b)),
-                           shared_gate=dev(t.shared_gate), shared_up=dev(t.shared_up),
-                           shared_down=dev(t.shared_down), top_k=1, scale=hyper["scale"], clamp=hyper["clamp"])
-        sharded = ShardedMoE(local, E, rank, world, dev(t.router), dev(t.bias), dev(t.tid2eid), hyper["top_k"],
-                             hyper["scale"])
+        try:  # a rank that cannot load its part tells the others (check_agreement) instead of leaving them waiting
+            device = resolve(device)
+            f = open_gguf(file)
+            where = f"{f.path} layer {layer}"
+            hyper = moe.ds4_hyper(f.moe_config(), layer, where)
+            t = f.moe_layer(layer)  # views of the mapped file, checked; nothing copied yet
+            rank, world = dist.get_rank(group), dist.get_world_size(group)
+            E = t.gate.shape[0]
+            if E % world:
+                raise ValueError(f"{where}: {E} experts do not split evenly over {world} ranks")
+            a, b = rank * (E // world), (rank + 1) * (E // world)
+            dev = lambda v: None if v is None else v.to(device)  # noqa: E731
+            local = MoEWeights(dev(t.gate.experts(a, b)), dev(t.up.experts(a, b)), dev(t.down.experts(a, b)),
+                               shared_gate=dev(t.shared_gate), shared_up=dev(t.shared_up),
+                               shared_down=dev(t.shared_down), top_k=1, scale=hyper["scale"],
+                               clamp=hyper["clamp"])
+            sharded = ShardedMoE(local, E, rank, world, dev(t.router), dev(t.bias), dev(t.tid2eid),
+                                 hyper["top_k"], hyper["scale"])
+        except (OSError, ValueError, LookupError, RuntimeError) as exc:
+            check_agreement(None, group, failure=exc)
+            raise
         return cls(sharded, group, **kw)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -321,8 +321,7 @@ class DS4MoE(torch.nn.Module):
     def __init__(self, weights: MoEWeights, *, form: str = "auto", tile="auto", path: str = "auto",
                  gate_up: str = "auto", deterministic: bool | None = None, validate: bool = True):
         super().__init__()
-        self._handle = custom_ops.register(None)  # the layer's name inside a compiled graph
-        weakref.finalize(self, custom_ops.unregister, self._handle)
+        self._register()
         self.weights = weights.packed(form)
         self.tile, self.path, self.gate_up = tile, path, gate_up
         self.deterministic = schedule.resolve_deterministic(deterministic)
@@ -349,6 +348,15 @@ class DS4MoE(torch.nn.Module):
             t.gate, t.up, t.down, t.router, t.bias, t.tid2eid, t.shared_gate, t.shared_up, t.shared_down, **hyper
         )
         return cls(w, **kw)
+
+    def _register(self) -> None:
+        """A handle of its own: the layer's name inside a compiled graph (custom_ops.py)."""
+        self._handle = custom_ops.register(getattr(self, "_weights", None))
+        weakref.finalize(self, custom_ops.unregister, self._handle)
+
+    def __setstate__(self, state) -> None:  # a copy or an unpickled layer must not share the handle
+        super().__setstate__(state)
+        self._register()
 
     @property
     def weights(self) -> MoEWeights:
