@@ -147,6 +147,7 @@ def ep_moe_forward(
     gate_up: str = "auto",
     validate: bool = True,
     deterministic: bool | None = None,
+    stage_hook=None,
 ) -> torch.Tensor:
     """f32 [T, H]: moe.moe_forward of this rank's tokens x [T, H] with the experts spread over the
     group (every rank calls it, T may differ per rank and be 0). The router runs here; each pair's
@@ -155,7 +156,11 @@ def ep_moe_forward(
     the results come back, and the k slots are summed in slot order plus the shared expert, as
     moe_forward does. With a deterministic plan (``deterministic=True``) every pair is computed as in
     moe_forward on the unsharded layer, so the output is the same bits; with automatic plans the
-    widths follow each rank's counts and agree within the width-to-width tolerance."""
+    widths follow each rank's counts and agree within the width-to-width tolerance.
+    ``stage_hook(name)``, if given, is called after each stage: route (routing and the counts
+    exchange), send (rows, ids, weights out), experts, return (results back), combine (slot sum and
+    shared expert)."""
+    hook = stage_hook or (lambda name: None)
     world = dist.get_world_size(group)
     dev = sharded.local.gate.device
     cdev = _comm_device(dev, group)
@@ -179,6 +184,7 @@ def ep_moe_forward(
     n, H, F = w.dims
     T, k = ids.shape
     R = sum(recv_l)
+    hook("route")
 
     def exchange(t: torch.Tensor, rows: int, out_splits, in_splits) -> torch.Tensor:
         t = t.to(cdev).contiguous()
@@ -189,15 +195,19 @@ def ep_moe_forward(
     rx = exchange(x[order // k].float(), R, recv_l, send_l)  # [R, H]; f32 whatever each rank's x dtype
     rid = exchange(local_id[order], R, recv_l, send_l)  # [R]
     rrw = exchange(rw.reshape(-1)[order], R, recv_l, send_l)  # [R]
+    hook("send")
     ry = _local_experts(rx, rid, rrw, w, dict(tile=tile, path=path, gate_up=gate_up, deterministic=det))  # [R, H]
+    hook("experts")
     back = exchange(ry, T * k, send_l, recv_l)  # [P, H], in `order`
+    hook("return")
     y = torch.empty_like(back).index_copy_(0, order, back).view(T, k, H)
     out = torch.empty((T, H), dtype=torch.float32, device=dev)
-    if T == 0:
-        return out
-    shared = moe._shared(x, w, dict(tile=tile, path=path, gate_up=gate_up, deterministic=det)) \
-        if include_shared and w.has_shared else None
-    return combine_slots(y, out, shared)
+    if T:
+        shared = moe._shared(x, w, dict(tile=tile, path=path, gate_up=gate_up, deterministic=det)) \
+            if include_shared and w.has_shared else None
+        combine_slots(y, out, shared)
+    hook("combine")
+    return out
 
 
 def _prepare(x, sharded: ShardedMoE, token_ids, group, topk_ids, topk_weights, validate, deterministic):

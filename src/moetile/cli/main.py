@@ -27,12 +27,12 @@ class _Help(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import audit, bench, bench_ops, info, profile, run
+    from . import audit, bench, bench_ep, bench_ops, info, profile, run
 
     parser = argparse.ArgumentParser(prog="moetile", description=DESCRIPTION, formatter_class=_Help)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    for mod in (info, audit, bench, bench_ops, profile, run):
+    for mod in (info, audit, bench, bench_ops, bench_ep, profile, run):
         mod.add_parser(sub)
     for action in sub._choices_actions:  # each command's --help opens with its one-line summary
         p = sub.choices[action.dest]
