@@ -4,7 +4,8 @@
 
 Each rank holds E/W experts of every layer (random valid blocks, made on the rank: nothing else is
 held) plus the replicated router and shared expert, and runs a prefill of T tokens per rank through
-the layers. Without torchrun it runs one rank. Without a GPU: gloo, the interpreter, tiny shapes.
+the layers; first it measures the all-to-all bandwidth between the ranks (256 MB). Without torchrun
+it runs one rank. Without a GPU: gloo, the interpreter, tiny shapes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,33 @@ def _init():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def _all_to_all_gbs(dev, world: int, nbytes: int) -> float:
+    """Bytes this rank sends to the other ranks per second in an all_to_all_single of ``nbytes``
+    (median of 5, after one warm-up), GB/s; 0 for one rank."""
+    import statistics
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    if world == 1:
+        return 0.0
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)
+    out = torch.empty_like(buf)
+    times = []
+    for i in range(6):
+        dist.barrier()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dist.all_to_all_single(out, buf)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return nbytes * (world - 1) / world / statistics.median(times) / 1e9
 
 
 def run(args) -> int:
@@ -83,6 +111,7 @@ def run(args) -> int:
             bias = torch.rand(sh.E, device=dev, generator=gs) * 0.01
             sharded = ShardedMoE(local, sh.E, rank, world, router, bias, None, sh.k, 1.5)
             layers.append(EPMoE(sharded, form=args.form, validate=False))
+        a2a_gbs = _all_to_all_gbs(dev, world, (256 << 20) if gpu else (1 << 20))
         x = torch.randn(T, sh.H, device=dev, generator=torch.Generator(device=dev).manual_seed(rank))
         stages: dict[str, list[float]] = {}
         totals = []
@@ -116,7 +145,8 @@ def run(args) -> int:
         row = dict(rank=rank, world=world, model=args.model, layers=L, tokens_per_rank=T,
                    stack_ms=round(total, 3), tokens_per_s=round(T * world / (total / 1e3)),
                    **{f"{k}_ms_per_layer": round(statistics.median(v), 4) for k, v in stages.items()},
-                   gpu_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else 0.0)
+                   gpu_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else 0.0,
+                   all_to_all_gbs=round(a2a_gbs, 1))
         rows = [None] * world
         dist.all_gather_object(rows, row)
         if rank == 0:
