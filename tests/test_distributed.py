@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import use_row_invariant_dot
+from helpers import assert_rows_close, use_row_invariant_dot
 
-from moetile.distributed import EPMoE, ShardedMoE, check_agreement, ep_moe_forward, shard
+from moetile.distributed import EPMoE, ShardedMoE, _wire_dtype, check_agreement, ep_moe_forward, shard
 from moetile.moe import MoEWeights, moe_forward
+from moetile.ops.router import route
 from moetile.quant import random_blocks
 
 E, H, F, K_TOP = 8, 256, 256, 2
@@ -85,6 +86,11 @@ def _worker(rank: int, world: int, port: int, case: dict) -> None:
             x = pool[mine].bfloat16() if rank == 0 else pool[mine]
             out = EPMoE(w, **kw)(x)
             ref = moe_forward(pool, w, **kw)
+        elif case.get("auto"):  # automatic plans: widths follow each rank's counts, rows may travel as f32
+            out = EPMoE(w, path=case.get("path", "auto"))(pool[mine])
+            ref = moe_forward(pool, w, path=case.get("path", "auto"))
+            assert_rows_close(out, ref[mine], 2e-3, f"rank {rank}")
+            return
         else:
             layer = EPMoE(w, **kw)
             out = layer(pool[mine], tok[mine] if case.get("hash") else None)
@@ -111,6 +117,7 @@ CASES = {
     "ranks disagree": (2, dict(mismatch=True)),
     "one rank fails its input checks": (2, dict(bad_x=True)),
     "mixed activation dtypes": (2, dict(sizes=[3, 4], mixed_dtypes=True)),
+    "automatic plans": (2, dict(sizes=[9, 2], auto=True)),
 }
 
 
@@ -159,3 +166,75 @@ def test_wrong_group_is_refused(tmp_path):
             check_agreement(s)
     finally:
         dist.destroy_process_group()
+
+
+def test_rows_travel_as_f16_only_to_prefill_plans():
+    """The wire dtype, from the gathered table (counts [src][dst], then each rank's path code: 0 auto,
+    1 prefill, 2 decode): f16 only when every receiving rank's plan reads f16 rows."""
+    big, small = 5000, 1  # pairs: far above and below the mat-vec's limit
+    assert _wire_dtype([[big, big, 0], [big, big, 0]], 128, "Q4_K") == torch.float16
+    assert _wire_dtype([[big, small, 0], [big, 0, 0]], 128, "Q4_K") == torch.float32  # rank 1 gets 1 row
+    assert _wire_dtype([[big, 0, 0], [big, 0, 0]], 128, "Q4_K") == torch.float16  # rank 1 gets none
+    assert _wire_dtype([[small, small, 1], [small, small, 1]], 128, "Q4_K") == torch.float16  # forced prefill
+    assert _wire_dtype([[big, big, 0], [big, big, 2]], 128, "Q4_K") == torch.float32  # rank 1 forced decode
+
+
+# ----------------------------------------------------------------------------- two GPUs, NCCL, DS4 shapes
+def _nccl_worker(rank: int, world: int, port: int, model: str) -> None:
+    """DS4 Flash shapes (E=256, k=6, H=4096, F=2048, shared Q8_0) on one GPU per rank over NCCL."""
+    import os
+
+    from helpers import row_rel_err
+
+    from moetile.reference import ds4_moe_ref
+
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on shared hosts
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=dev)
+    try:
+        E_, H_, F_, k_ = 256, 4096, 2048, 6
+        gq, dq = {"q2": ("IQ2_XXS", "Q2_K"), "q4": ("Q4_K", "Q4_K")}[model]
+        g = torch.Generator(device=dev).manual_seed(0)  # the same seed on every rank: the same layer
+        w = MoEWeights(random_blocks(gq, (E_, F_, H_), g, dev), random_blocks(gq, (E_, F_, H_), g, dev),
+                       random_blocks(dq, (E_, H_, F_), g, dev), router=(torch.randn(E_, H_, device=dev, generator=g)
+                                                                         * 0.02).half(),
+                       bias=torch.rand(E_, device=dev, generator=g) * 0.01,
+                       shared_gate=random_blocks("Q8_0", (F_, H_), g, dev),
+                       shared_up=random_blocks("Q8_0", (F_, H_), g, dev),
+                       shared_down=random_blocks("Q8_0", (H_, F_), g, dev), top_k=k_).packed()
+        pool = torch.randn(4200, H_, device=dev, generator=g)
+        s = shard(w, rank, world)
+        for sizes in ([300, 517], [1, 3], [2048, 0], [0, 5]):  # deterministic plans: the same bits
+            first = sum(sizes[:rank])
+            mine = slice(first, first + sizes[rank])
+            out = ep_moe_forward(pool[mine], s, deterministic=True)
+            ref = moe_forward(pool[: sum(sizes)], w, deterministic=True)[mine]
+            assert torch.equal(out, ref), f"{model} rank {rank} sizes {sizes}: {(out - ref).abs().max():.3e}"
+        ids = torch.stack([torch.randperm(E_ // world, device=dev, generator=g)[:k_] for _ in range(600)]).int()
+        rw = torch.rand(600, k_, device=dev, generator=g)  # skewed: every pair on rank 0's experts
+        mine = slice(rank * 300, (rank + 1) * 300)
+        out = ep_moe_forward(pool[mine], s, topk_ids=ids[mine], topk_weights=rw[mine], deterministic=True)
+        assert torch.equal(out, moe_forward(pool[:600], w, topk_ids=ids, topk_weights=rw, deterministic=True)[mine])
+        for sizes in ([1, 4], [2048, 1500]):  # automatic plans (decode rows travel as f32): within the bound
+            first = sum(sizes[:rank])
+            mine = slice(first, first + sizes[rank])
+            out = EPMoE(s, validate=False)(pool[mine])
+            x = pool[mine][:64]
+            ids, rw = route(x, w.router, bias=w.bias, k=k_)
+            ref = ds4_moe_ref(x, w, topk_ids=ids, topk_weights=rw, round_f16=True)
+            err = row_rel_err(out[:64], ref).max().item()
+            assert err < 1e-3, f"{model} rank {rank} sizes {sizes}: {err:.2e}"
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(), reason="needs 2 GPUs and NCCL")
+@pytest.mark.parametrize("model", ["q2", "q4"])
+def test_expert_parallel_nccl_ds4_shapes(model):
+    """Two GPUs over NCCL at DS4 Flash shapes: bit-identical to moe_forward on one GPU with
+    deterministic plans (uneven, decode-sized, empty ranks, skewed routing); automatic plans within
+    the prefill bound of the float64 reference."""
+    mp.spawn(_nccl_worker, args=(2, _free_port(), model), nprocs=2, join=True)

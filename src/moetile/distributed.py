@@ -150,64 +150,104 @@ def ep_moe_forward(
     stage_hook=None,
 ) -> torch.Tensor:
     """f32 [T, H]: moe.moe_forward of this rank's tokens x [T, H] with the experts spread over the
-    group (every rank calls it, T may differ per rank and be 0). The router runs here; each pair's
-    row goes to its expert's rank (one all_to_all of the counts, the only host sync, then rows, local
-    expert ids and route weights), the rank runs its experts on what it received with the same kernels,
-    the results come back, and the k slots are summed in slot order plus the shared expert, as
-    moe_forward does. With a deterministic plan (``deterministic=True``) every pair is computed as in
+    group (every rank calls it, T may differ per rank and be 0). The router runs here; the ranks
+    all-gather their pair counts per destination (the only host sync), then each pair's row goes to
+    its expert's rank with its local expert id and route weight (``all_to_all_single``; the rank's
+    shared expert runs while they travel), the rank runs its experts on what it received with the
+    same kernels, the results come back, and the k slots are summed in slot order plus the shared
+    expert, as moe_forward does. Rows travel as f16 when every receiving rank's plan is the prefill
+    path (whose kernels read f16 rows: the same bits as converting on arrival), else as f32; results
+    travel as f32. With a deterministic plan (``deterministic=True``) every pair is computed as in
     moe_forward on the unsharded layer, so the output is the same bits; with automatic plans the
-    widths follow each rank's counts and agree within the width-to-width tolerance.
-    ``stage_hook(name)``, if given, is called after each stage: route (routing and the counts
-    exchange), send (rows, ids, weights out), experts, return (results back), combine (slot sum and
-    shared expert)."""
+    widths follow each rank's counts and agree within the width-to-width tolerance. One rank: the
+    layer is moe_forward (nothing is exchanged). ``stage_hook(name)``, if given, is called after
+    each stage: route (routing and the counts), send (rows out; the shared expert overlaps it),
+    experts, return (results back), combine (slot sum)."""
     hook = stage_hook or (lambda name: None)
     world = dist.get_world_size(group)
     dev = sharded.local.gate.device
-    cdev = _comm_device(dev, group)
+    plan_kw = dict(tile=tile, path=path, gate_up=gate_up)
     try:  # this rank's own checks and routing; a failure is announced to every rank before it raises
         w, ids, rw, dest, local_id, order, det = _prepare(x, sharded, token_ids, group, topk_ids, topk_weights,
                                                            validate, deterministic)
-        send = torch.zeros(world, dtype=torch.int64, device=dev).scatter_add_(0, dest, torch.ones_like(dest))
-        send = send.to(cdev)
+        plan_kw["deterministic"] = det
+        schedule.plan_layer(1, 1, w.dims[0], schedule.form_key(w.gate), **plan_kw)  # bad overrides fail here
+        send = torch.zeros(world + 1, dtype=torch.int64, device=dev)
+        send[:world].scatter_add_(0, dest, torch.ones_like(dest))
+        send[world] = _PATHS.index(path if path != "auto" or not det else "prefill")  # how this rank plans
         failure = None
     except (ValueError, TypeError, RuntimeError, LookupError) as exc:
-        failure, send = exc, torch.full((world,), -1, dtype=torch.int64, device=cdev)
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)  # counts; -1: the sender failed its checks
-    send_l, recv_l = send.tolist(), recv.tolist()  # the one host sync
+        failure, send = exc, torch.full((world + 1,), -1, dtype=torch.int64, device=dev)
+    if world == 1:
+        if failure is not None:
+            raise failure
+        return moe.moe_forward(x, w, topk_ids=ids, topk_weights=rw, include_shared=include_shared,
+                               validate=False, stage_hook=hook, **plan_kw)
+    cdev = _comm_device(dev, group)
+    every = [torch.empty(world + 1, dtype=torch.int64, device=cdev) for _ in range(world)]
+    dist.all_gather(every, send.to(cdev), group=group)  # per source rank: counts per destination, path code
+    table = torch.stack(every).tolist()  # the one host sync; -1: the rank failed its checks
     if failure is not None:
         raise failure
-    if min(recv_l) < 0:
-        bad = [r for r, c in enumerate(recv_l) if c < 0]
+    bad = [r for r, row in enumerate(table) if row[0] < 0]
+    if bad:
         raise ValueError(f"expert-parallel forward: rank(s) {bad} failed their input checks (see their error); "
                          "nothing was exchanged")
+    rank = dist.get_rank(group)
+    send_l = table[rank][:world]
+    recv_l = [row[rank] for row in table]
     n, H, F = w.dims
     T, k = ids.shape
     R = sum(recv_l)
+    wire = _wire_dtype(table, n, schedule.form_key(w.gate))
     hook("route")
 
-    def exchange(t: torch.Tensor, rows: int, out_splits, in_splits) -> torch.Tensor:
+    def start(t: torch.Tensor, rows: int, out_splits, in_splits):
         t = t.to(cdev).contiguous()
         out = t.new_empty((rows, *t.shape[1:]))
-        dist.all_to_all_single(out, t, out_splits, in_splits, group=group)
+        return out, dist.all_to_all_single(out, t, out_splits, in_splits, group=group, async_op=True)
+
+    def finish(out, work) -> torch.Tensor:
+        work.wait()
         return out.to(dev)
 
-    rx = exchange(x[order // k].float(), R, recv_l, send_l)  # [R, H]; f32 whatever each rank's x dtype
-    rid = exchange(local_id[order], R, recv_l, send_l)  # [R]
-    rrw = exchange(rw.reshape(-1)[order], R, recv_l, send_l)  # [R]
+    rows_out = start(x.to(wire)[order // k], R, recv_l, send_l)  # [R, H]
+    meta = torch.stack([local_id, rw.reshape(-1).view(torch.int32)], 1)[order]  # [P, 2]: id, weight bits
+    meta_out = start(meta, R, recv_l, send_l)
+    shared = None
+    if include_shared and w.has_shared and T:
+        shared = moe._shared(x, w, plan_kw)  # while the rows travel
+    rx = finish(*rows_out)  # [R, H]
+    rmeta = finish(*meta_out)  # [R, 2]
     hook("send")
-    ry = _local_experts(rx, rid, rrw, w, dict(tile=tile, path=path, gate_up=gate_up, deterministic=det))  # [R, H]
+    ry = _local_experts(rx, rmeta[:, 0].contiguous(), rmeta[:, 1].contiguous().view(torch.float32), w, plan_kw)
     hook("experts")
-    back = exchange(ry, T * k, send_l, recv_l)  # [P, H], in `order`
+    back = finish(*start(ry, T * k, send_l, recv_l))  # [P, H], in `order`
     hook("return")
-    y = torch.empty_like(back).index_copy_(0, order, back).view(T, k, H)
     out = torch.empty((T, H), dtype=torch.float32, device=dev)
     if T:
-        shared = moe._shared(x, w, dict(tile=tile, path=path, gate_up=gate_up, deterministic=det)) \
-            if include_shared and w.has_shared else None
-        combine_slots(y, out, shared)
+        where = torch.empty_like(order).index_copy_(0, order, torch.arange(T * k, device=dev))  # pair -> row
+        combine_slots(back, out, shared, rows=where.view(T, k))
     hook("combine")
     return out
+
+
+_PATHS = ("auto", "prefill", "decode")  # a rank's path: fixed, or "auto" (it follows the count)
+
+
+def _wire_dtype(table: list[list[int]], n: int, form: str) -> torch.dtype:
+    """f16 when every rank that receives rows plans the prefill path for them (its kernels read f16
+    rows, so converting before the trip gives the same bits), else f32. Every rank computes this
+    from the same gathered table: counts [src][dst] and, last, each rank's path code."""
+    world = len(table)
+    for d in range(world):
+        R = sum(row[d] for row in table)
+        p = _PATHS[table[d][world]]
+        if p == "auto":
+            p = schedule.plan_layer(R, 1, n, form).path
+        if R and p != "prefill":
+            return torch.float32
+    return torch.float16
 
 
 def _prepare(x, sharded: ShardedMoE, token_ids, group, topk_ids, topk_weights, validate, deterministic):

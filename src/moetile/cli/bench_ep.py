@@ -5,7 +5,10 @@
 Each rank holds E/W experts of every layer (random valid blocks, made on the rank: nothing else is
 held) plus the replicated router and shared expert, and runs a prefill of T tokens per rank through
 the layers; first it measures the all-to-all bandwidth between the ranks (256 MB). Without torchrun
-it runs one rank. Without a GPU: gloo, the interpreter, tiny shapes.
+it runs one rank: the plain one-GPU layer (moe_forward; its stages route, map, gate_up, down, shared,
+combine). With several ranks the stages are route, send (the rows' trip, with the shared expert
+computed meanwhile), experts, return, combine; all_to_all_share = (send + return) / layer time.
+Without a GPU: gloo, the interpreter, tiny shapes.
 """
 
 from __future__ import annotations
@@ -142,9 +145,13 @@ def run(args) -> int:
                 stages.setdefault(name, []).append(ms / L)
             totals.append(sum(per.values()))
         total = statistics.median(totals)
+        per_layer = {k: statistics.median(v) for k, v in stages.items()}
+        # send holds the rows' trip and the shared expert computed meanwhile; return is the results' trip
+        comm = per_layer.get("send", 0.0) + per_layer.get("return", 0.0)
         row = dict(rank=rank, world=world, model=args.model, layers=L, tokens_per_rank=T,
                    stack_ms=round(total, 3), tokens_per_s=round(T * world / (total / 1e3)),
-                   **{f"{k}_ms_per_layer": round(statistics.median(v), 4) for k, v in stages.items()},
+                   **{f"{k}_ms_per_layer": round(v, 4) for k, v in per_layer.items()},
+                   all_to_all_share=round(comm / (total / L), 3),
                    gpu_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else 0.0,
                    all_to_all_gbs=round(a2a_gbs, 1))
         rows = [None] * world

@@ -30,16 +30,23 @@ def swiglu_weight_kernel(g_ptr, u_ptr, w_ptr, mid_ptr, ids_ptr, counts_ptr, F, n
 
 
 @triton.jit
-def combine_slots_kernel(y_ptr, add_ptr, out_ptr, H, TOPK: tl.constexpr, HAS_ADD: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    """out[t] = ((y[t,0] + y[t,1]) + ... + y[t,k-1]) (+ add[t]): fixed slot order, no atomics,
-    so the sum is deterministic. y f32 [T, k, H]; grid (T, cdiv(H, BLOCK))."""
+def combine_slots_kernel(y_ptr, add_ptr, rows_ptr, out_ptr, H, TOPK: tl.constexpr, HAS_ADD: tl.constexpr,
+                         HAS_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = ((y[r(t,0)] + y[r(t,1)]) + ... + y[r(t,k-1)]) (+ add[t]): fixed slot order, no atomics,
+    so the sum is deterministic. y f32 [T*k, H] with r(t, s) = t*k + s, or with HAS_ROWS
+    r(t, s) = rows[t*k + s] (int64 [T*k]: where a pair's row landed); grid (T, cdiv(H, BLOCK))."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = h < H
-    acc = tl.load(y_ptr + t * TOPK * H + h, mask=ok, other=0.0)
-    for s in tl.static_range(1, TOPK):
-        acc += tl.load(y_ptr + (t * TOPK + s) * H + h, mask=ok, other=0.0)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(TOPK):
+        r = t * TOPK + s
+        if HAS_ROWS:
+            r = tl.load(rows_ptr + r)
+        if s == 0:
+            acc = tl.load(y_ptr + r * H + h, mask=ok, other=0.0)
+        else:
+            acc += tl.load(y_ptr + r * H + h, mask=ok, other=0.0)
     if HAS_ADD:
         acc += tl.load(add_ptr + t * H + h, mask=ok, other=0.0)
     tl.store(out_ptr + t * H + h, acc, mask=ok)

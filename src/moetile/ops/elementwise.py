@@ -24,11 +24,20 @@ def swiglu_weight(gate: torch.Tensor, up: torch.Tensor, route_weights: torch.Ten
     return mid
 
 
-def combine_slots(y: torch.Tensor, out: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-    """out f32 [T, H] = sum over slots of y f32 [T, k, H] in slot order 0..k-1, plus ``add`` [T, H]."""
-    T, k, H = y.shape
+def combine_slots(y: torch.Tensor, out: torch.Tensor, add: torch.Tensor | None = None,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
+    """out f32 [T, H] = sum over slots of y f32 [T, k, H] in slot order 0..k-1, plus ``add`` [T, H].
+    With ``rows`` (int64 [T, k]) slot s of token t is read from row rows[t, s] of y [T*k, H] (pairs
+    that arrived in another order: expert parallelism), so no copy puts them in place first."""
+    T, H = out.shape
+    if rows is None:
+        k = y.shape[1]
+    else:
+        k = rows.shape[1]
+        rows = rows.contiguous()
     if T:
         combine_slots_kernel[(T, -(-H // BLOCK))](
-            y, add if add is not None else y, out, H, TOPK=k, HAS_ADD=add is not None, BLOCK=BLOCK
+            y, add if add is not None else y, rows if rows is not None else y, out, H, TOPK=k,
+            HAS_ADD=add is not None, HAS_ROWS=rows is not None, BLOCK=BLOCK
         )
     return out
