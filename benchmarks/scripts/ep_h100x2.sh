@@ -12,11 +12,11 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 run2() { torchrun --nproc-per-node 2 -m moetile.cli.main bench-ep "$@"; }
 run1() { CUDA_VISIBLE_DEVICES=0 python -m moetile.cli.main bench-ep "$@"; }
 {
-  run2 --model q2 --layers 43 --tokens 8192 --csv "$O/ep.csv"
-  run1 --model q2 --layers 20 --tokens 8192 --csv "$O/ep.csv"
+  run2 --model q2 --layers 43 --tokens 8192 --csv "$O/ep2.csv"
+  run1 --model q2 --layers 20 --tokens 8192 --csv "$O/ep1.csv"
   for T in 1 8; do
-    run2 --model q2 --layers 43 --tokens $T --reps 5 --csv "$O/ep.csv"
-    run1 --model q2 --layers 20 --tokens $T --reps 5 --csv "$O/ep.csv"
+    run2 --model q2 --layers 43 --tokens $T --reps 5 --csv "$O/ep2.csv"
+    run1 --model q2 --layers 20 --tokens $T --reps 5 --csv "$O/ep1.csv"
   done
 } 2>&1 | tee "$O/bench.log"
 python -m pytest -q -p no:cacheprovider tests/test_distributed.py tests/cli/test_bench_ep.py tests/ops/test_elementwise.py \

@@ -31,5 +31,6 @@ def test_bench_ep_two_ranks(tmp_path):
     names = ("route", "send", "experts", "return", "combine") if ranks > 1 else ("route", "gate_up", "down", "combine")
     for r in rows:
         parts = [float(r[f"{s}_ms_per_layer"]) for s in names]
+        assert float(r["map_ms_per_layer"]) == 0 if ranks > 1 else float(r["send_ms_per_layer"]) == 0
         assert 0 <= float(r["all_to_all_share"]) < 1
         assert all(p > 0 for p in parts) and float(r["tokens_per_s"]) > 0

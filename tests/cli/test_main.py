@@ -78,3 +78,6 @@ def test_write_csv_has_one_header(tmp_path):
     write_csv(path, [dict(card="c", stage="map", ms=0.2)])
     rows = list(csv.DictReader(open(path)))
     assert [r["stage"] for r in rows] == ["route", "map"] and rows[0]["card"] == "c"
+    with pytest.raises(ValueError, match="holds other columns"):  # appending other columns would misalign them
+        write_csv(path, [dict(card="c", ms=0.3)])
+    assert len(list(csv.DictReader(open(path)))) == 2

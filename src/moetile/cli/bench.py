@@ -186,6 +186,11 @@ def write_csv(path, rows: list[dict]) -> None:
     import os
 
     new = not os.path.exists(path) or os.path.getsize(path) == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != list(rows[0]):
+            raise ValueError(f"{path} holds other columns ({', '.join(header)}): write to a new file")
     with open(path, "a", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
         if new:

@@ -27,6 +27,10 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+# one rank's stages (moe_forward's) and several ranks' (ep_moe_forward's): fixed CSV columns, 0 where absent
+STAGES = ("route", "map", "gate_up", "down", "shared", "send", "experts", "return", "combine")
+
+
 def _init():
     """The process group from torchrun's environment, or a group of one."""
     import os
@@ -145,7 +149,7 @@ def run(args) -> int:
                 stages.setdefault(name, []).append(ms / L)
             totals.append(sum(per.values()))
         total = statistics.median(totals)
-        per_layer = {k: statistics.median(v) for k, v in stages.items()}
+        per_layer = {k: statistics.median(stages[k]) if k in stages else 0.0 for k in STAGES}
         # send holds the rows' trip and the shared expert computed meanwhile; return is the results' trip
         comm = per_layer.get("send", 0.0) + per_layer.get("return", 0.0)
         row = dict(rank=rank, world=world, model=args.model, layers=L, tokens_per_rank=T,
