@@ -175,6 +175,8 @@ def test_rows_travel_as_f16_only_to_prefill_plans():
     assert _wire_dtype([[big, big, 0], [big, big, 0]], 128, "Q4_K") == torch.float16
     assert _wire_dtype([[big, small, 0], [big, 0, 0]], 128, "Q4_K") == torch.float32  # rank 1 gets 1 row
     assert _wire_dtype([[big, 0, 0], [big, 0, 0]], 128, "Q4_K") == torch.float16  # rank 1 gets none
+    assert _wire_dtype([[small, big, 0], [big, big, 0]], 128, "Q4_K") == torch.float16  # own pairs stay home
+    assert _wire_dtype([[big, big, 0], [small, big, 0]], 128, "Q4_K") == torch.float32  # rank 0 gets 1 row
     assert _wire_dtype([[small, small, 1], [small, small, 1]], 128, "Q4_K") == torch.float16  # forced prefill
     assert _wire_dtype([[big, big, 0], [big, big, 2]], 128, "Q4_K") == torch.float32  # rank 1 forced decode
 

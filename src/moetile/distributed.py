@@ -157,12 +157,14 @@ def ep_moe_forward(
     same kernels, the results come back, and the k slots are summed in slot order plus the shared
     expert, as moe_forward does. Rows travel as f16 when every receiving rank's plan is the prefill
     path (whose kernels read f16 rows: the same bits as converting on arrival), else as f32; results
-    travel as f32. With a deterministic plan (``deterministic=True``) every pair is computed as in
+    travel as f32. Pairs for this rank's own experts never travel, and are computed while the others'
+    results travel back. With a deterministic plan (``deterministic=True``) every pair is computed as in
     moe_forward on the unsharded layer, so the output is the same bits; with automatic plans the
     widths follow each rank's counts and agree within the width-to-width tolerance. One rank: the
     layer is moe_forward (nothing is exchanged). ``stage_hook(name)``, if given, is called after
     each stage: route (routing and the counts), send (rows out; the shared expert overlaps it),
-    experts, return (results back), combine (slot sum)."""
+    experts (the rows received, then this rank's own pairs while the results travel back), return
+    (what is left of that trip), combine (slot sum)."""
     hook = stage_hook or (lambda name: None)
     world = dist.get_world_size(group)
     dev = sharded.local.gate.device
@@ -202,32 +204,50 @@ def ep_moe_forward(
     wire = _wire_dtype(table, n, schedule.form_key(w.gate))
     hook("route")
 
-    def start(t: torch.Tensor, rows: int, out_splits, in_splits):
+    def start(t: torch.Tensor, rows: int, out_splits, in_splits, out: torch.Tensor | None = None):
         t = t.to(cdev).contiguous()
-        out = t.new_empty((rows, *t.shape[1:]))
-        return out, dist.all_to_all_single(out, t, out_splits, in_splits, group=group, async_op=True)
+        buf = out if out is not None and cdev == dev else t.new_empty((rows, *t.shape[1:]))
+        return buf, out, dist.all_to_all_single(buf, t, out_splits, in_splits, group=group, async_op=True)
 
-    def finish(out, work) -> torch.Tensor:
+    def finish(buf, out, work) -> torch.Tensor:
         work.wait()
-        return out.to(dev)
+        if out is None:
+            return buf.to(dev)
+        if buf is not out:
+            out.copy_(buf)
+        return out
 
-    rows_out = start(x.to(wire)[order // k], R, recv_l, send_l)  # [R, H]
-    meta = torch.stack([local_id, rw.reshape(-1).view(torch.int32)], 1)[order]  # [P, 2]: id, weight bits
-    meta_out = start(meta, R, recv_l, send_l)
+    # Pairs for this rank's own experts never travel. The others go first; the shared expert runs while
+    # they travel; the rows that arrived are computed first, and their results travel back while this
+    # rank computes its own pairs. A pair's result lands in ys: own pairs first, then the others.
+    at = [sum(send_l[:d]) for d in range(world)]
+    own = order[at[rank]: at[rank] + send_l[rank]]  # [P_own] pair indices
+    away = torch.cat([order[: at[rank]], order[at[rank] + send_l[rank]:]])  # [P - P_own], by destination
+    send_r = [0 if d == rank else c for d, c in enumerate(send_l)]
+    recv_r = [0 if d == rank else c for d, c in enumerate(recv_l)]
+    xw = x.to(wire)
+    meta = torch.stack([local_id, rw.reshape(-1).view(torch.int32)], 1)  # [P, 2]: local id, weight bits
+    rows_in = start(xw[away // k], R - send_l[rank], recv_r, send_r)  # [R_in, H]
+    meta_in = start(meta[away], R - send_l[rank], recv_r, send_r)
     shared = None
     if include_shared and w.has_shared and T:
         shared = moe._shared(x, w, plan_kw)  # while the rows travel
-    rx = finish(*rows_out)  # [R, H]
-    rmeta = finish(*meta_out)  # [R, 2]
+    rx, rmeta = finish(*rows_in), finish(*meta_in)
     hook("send")
     ry = _local_experts(rx, rmeta[:, 0].contiguous(), rmeta[:, 1].contiguous().view(torch.float32), w, plan_kw)
+    ys = torch.empty((T * k, H), dtype=torch.float32, device=dev)
+    n_own = own.numel()
+    back = start(ry, T * k - n_own, send_r, recv_r, out=ys[n_own:])  # results home, while the own pairs run
+    own_path = schedule.plan_layer(n_own, 1, n, schedule.form_key(w.gate), **plan_kw).path
+    xo = xw if own_path == "prefill" and wire == torch.float16 else x  # the prefill kernels read f16 rows
+    _local_experts(xo[own // k], local_id[own], rw.reshape(-1)[own], w, plan_kw, out=ys[:n_own])
     hook("experts")
-    back = finish(*start(ry, T * k, send_l, recv_l))  # [P, H], in `order`
+    finish(*back)
     hook("return")
     out = torch.empty((T, H), dtype=torch.float32, device=dev)
     if T:
-        where = torch.empty_like(order).index_copy_(0, order, torch.arange(T * k, device=dev))  # pair -> row
-        combine_slots(back, out, shared, rows=where.view(T, k))
+        where = torch.empty_like(order).index_copy_(0, torch.cat([own, away]), torch.arange(T * k, device=dev))
+        combine_slots(ys, out, shared, rows=where.view(T, k))  # where[p]: the row of ys holding pair p
     hook("combine")
     return out
 
@@ -236,12 +256,12 @@ _PATHS = ("auto", "prefill", "decode")  # a rank's path: fixed, or "auto" (it fo
 
 
 def _wire_dtype(table: list[list[int]], n: int, form: str) -> torch.dtype:
-    """f16 when every rank that receives rows plans the prefill path for them (its kernels read f16
-    rows, so converting before the trip gives the same bits), else f32. Every rank computes this
-    from the same gathered table: counts [src][dst] and, last, each rank's path code."""
+    """f16 when every rank that receives rows from other ranks plans the prefill path for them (its
+    kernels read f16 rows, so converting before the trip gives the same bits), else f32. Every rank
+    computes this from the same gathered table: counts [src][dst] and, last, each rank's path code."""
     world = len(table)
     for d in range(world):
-        R = sum(row[d] for row in table)
+        R = sum(row[d] for s, row in enumerate(table) if s != d)  # a rank's own pairs do not travel
         p = _PATHS[table[d][world]]
         if p == "auto":
             p = schedule.plan_layer(R, 1, n, form).path
@@ -283,14 +303,15 @@ def _prepare(x, sharded: ShardedMoE, token_ids, group, topk_ids, topk_weights, v
     return w, ids, rw, dest, local_id, order, det
 
 
-def _local_experts(rx, rid, rrw, w: MoEWeights, plan_kw: dict) -> torch.Tensor:
-    """f32 [R, H]: route_w * down(SwiGLU(gate x, up x)) for each received row on its local expert."""
+def _local_experts(rx, rid, rrw, w: MoEWeights, plan_kw: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    """f32 [R, H] (in ``out`` if given): route_w * down(SwiGLU(gate x, up x)) for each row rx [R, H]
+    on its local expert rid [R] with route weight rrw [R]."""
     R = rx.shape[0]
     n, H, F = w.dims
     if R == 0:
-        return torch.empty((0, H), dtype=torch.float32, device=rx.device)
+        return out if out is not None else torch.empty((0, H), dtype=torch.float32, device=rx.device)
     plan = schedule.plan_layer(R, 1, n, schedule.form_key(w.gate), **plan_kw)
-    return moe._routed(rx, w.gate, w.up, w.down, rid[:, None], rrw[:, None], plan, w.clamp).view(R, H)
+    return moe._routed(rx, w.gate, w.up, w.down, rid[:, None], rrw[:, None], plan, w.clamp, out=out).view(R, H)
 
 
 class EPMoE(torch.nn.Module):

@@ -239,15 +239,16 @@ def _shared(x, weights: MoEWeights, plan_kw: dict) -> torch.Tensor:
 
 
 def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, clamp: float, hook=None,
-            emap: schedule.ExpertMap | None = None) -> torch.Tensor:
+            emap: schedule.ExpertMap | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """y_slots f32 [T, k, H]: route_w * down(SwiGLU_C(gate x, up x)) per (token, slot), C = ``clamp``;
-    ``emap``: the expert map of ``ids`` when the caller has it without a sort (prefill)."""
+    ``emap``: the expert map of ``ids`` when the caller has it without a sort (prefill); ``out``: a
+    contiguous f32 buffer of T*k*H elements to write into."""
     T, k = ids.shape
     E, F, H = gate.shape
     P = T * k
     hook = hook or (lambda name: None)
     rw = route_w.reshape(P).to(torch.float32).contiguous()
-    y = _buffer((T, k, H), torch.float32, x.device)
+    y = _buffer((T, k, H), torch.float32, x.device) if out is None else out.view(T, k, H)
     if plan.path == "decode":
         mid = _buffer((P, F), torch.float32, x.device)
         ids32 = ids_int32(ids, E)
