@@ -37,69 +37,75 @@ def _worker(rank: int, world: int, port: int, case: dict) -> None:
     through host memory); on CPU the kernels run through the interpreter."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        use_row_invariant_dot()
-        dev = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
-        if case.get("mismatch"):  # rank 1 loads a layer with another F: every rank must refuse
-            w = _weights(F=F if rank != 1 else 2 * F).to(dev)
-            with pytest.raises(ValueError, match="disagree.*F differs"):
-                EPMoE(w)
-            return
-        if case.get("bad_gguf"):  # rank 1 cannot open its file: both ranks raise, neither waits
-            from moetile.moe import DS4MoE
-
-            path = case["bad_gguf"] if rank == 0 else case["bad_gguf"] + ".missing"
-            err, match = (FileNotFoundError, "missing") if rank == 1 else (ValueError, r"rank\(s\) \[1\] failed")
-            with pytest.raises(err, match=match):
-                DS4MoE.from_gguf(path, 0, device=dev, group=dist.group.WORLD)
-            return
-        w = _weights(hash_rows=16 if case.get("hash") else 0).to(dev)
-        if case.get("bad_x"):  # rank 1 passes a wrong hidden size: both raise before any exchange
-            layer = EPMoE(w)
-            x = torch.randn(3, H if rank == 0 else H // 2, device=dev)
-            err = "x must be" if rank == 1 else r"rank\(s\) \[1\] failed their input checks"
-            with pytest.raises(ValueError, match=err):
-                layer(x)
-            return
-        sizes = case["sizes"]
-        T_all = sum(sizes)
-        pool = (torch.randn(T_all, H, generator=torch.Generator().manual_seed(7)) * 2).to(dev)
-        tok = torch.randint(0, 16, (T_all,), generator=torch.Generator().manual_seed(8)).to(dev)
-        first = sum(sizes[:rank])
-        mine = slice(first, first + sizes[rank])
-        kw = dict(path=case.get("path", "auto"), deterministic=True)
-        if case.get("gguf"):  # each rank loads only its experts from the file
-            from moetile.moe import DS4MoE
-
-            layer = DS4MoE.from_gguf(case["gguf"], 0, device=dev, group=dist.group.WORLD, **kw)
-            assert isinstance(layer, EPMoE) and layer.sharded.local.gate.shape[0] == E // world
-            whole = DS4MoE.from_gguf(case["gguf"], 0, device=dev, **kw)
-            assert torch.equal(layer(pool[mine]), whole(pool)[mine]), f"rank {rank}: GGUF layer"
-            return
-        if case.get("skewed"):  # every pair on the experts of rank 0
-            ids = torch.stack([torch.randperm(E // world, generator=torch.Generator().manual_seed(t))[:K_TOP]
-                               for t in range(T_all)]).int().to(dev)
-            rw = torch.rand(T_all, K_TOP, generator=torch.Generator().manual_seed(9)).to(dev)
-            out = ep_moe_forward(pool[mine], shard(w, rank, world), topk_ids=ids[mine], topk_weights=rw[mine], **kw)
-            ref = moe_forward(pool, w, topk_ids=ids, topk_weights=rw, **kw)
-        elif case.get("mixed_dtypes"):  # rank 0 passes bf16, the others f32; the rows travel as f32
-            pool = pool.bfloat16().float()
-            x = pool[mine].bfloat16() if rank == 0 else pool[mine]
-            out = EPMoE(w, **kw)(x)
-            ref = moe_forward(pool, w, **kw)
-        elif case.get("auto"):  # automatic plans: widths follow each rank's counts, rows may travel as f32
-            out = EPMoE(w, path=case.get("path", "auto"))(pool[mine])
-            ref = moe_forward(pool, w, path=case.get("path", "auto"))
-            assert_rows_close(out, ref[mine], 2e-3, f"rank {rank}")
-            return
-        else:
-            layer = EPMoE(w, **kw)
-            out = layer(pool[mine], tok[mine] if case.get("hash") else None)
-            ref = moe_forward(pool, w, tok if case.get("hash") else None, **kw)
-        assert out.shape == (sizes[rank], H) and out.dtype == torch.float32
-        assert not torch.isnan(out).any()
-        assert torch.equal(out, ref[mine]), f"rank {rank}: max diff {(out - ref[mine]).abs().max():.3e}"
+        _case(rank, world, case)
+        dist.barrier()  # no rank tears gloo down while another still talks to it (seen: SIGABRT under load)
     finally:
         dist.destroy_process_group()
+
+
+def _case(rank: int, world: int, case: dict) -> None:
+    """The body of one rank's case (its checks raise; the caller tears the group down)."""
+    use_row_invariant_dot()
+    dev = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    if case.get("mismatch"):  # rank 1 loads a layer with another F: every rank must refuse
+        w = _weights(F=F if rank != 1 else 2 * F).to(dev)
+        with pytest.raises(ValueError, match="disagree.*F differs"):
+            EPMoE(w)
+        return
+    if case.get("bad_gguf"):  # rank 1 cannot open its file: both ranks raise, neither waits
+        from moetile.moe import DS4MoE
+
+        path = case["bad_gguf"] if rank == 0 else case["bad_gguf"] + ".missing"
+        err, match = (FileNotFoundError, "missing") if rank == 1 else (ValueError, r"rank\(s\) \[1\] failed")
+        with pytest.raises(err, match=match):
+            DS4MoE.from_gguf(path, 0, device=dev, group=dist.group.WORLD)
+        return
+    w = _weights(hash_rows=16 if case.get("hash") else 0).to(dev)
+    if case.get("bad_x"):  # rank 1 passes a wrong hidden size: both raise before any exchange
+        layer = EPMoE(w)
+        x = torch.randn(3, H if rank == 0 else H // 2, device=dev)
+        err = "x must be" if rank == 1 else r"rank\(s\) \[1\] failed their input checks"
+        with pytest.raises(ValueError, match=err):
+            layer(x)
+        return
+    sizes = case["sizes"]
+    T_all = sum(sizes)
+    pool = (torch.randn(T_all, H, generator=torch.Generator().manual_seed(7)) * 2).to(dev)
+    tok = torch.randint(0, 16, (T_all,), generator=torch.Generator().manual_seed(8)).to(dev)
+    first = sum(sizes[:rank])
+    mine = slice(first, first + sizes[rank])
+    kw = dict(path=case.get("path", "auto"), deterministic=True)
+    if case.get("gguf"):  # each rank loads only its experts from the file
+        from moetile.moe import DS4MoE
+
+        layer = DS4MoE.from_gguf(case["gguf"], 0, device=dev, group=dist.group.WORLD, **kw)
+        assert isinstance(layer, EPMoE) and layer.sharded.local.gate.shape[0] == E // world
+        whole = DS4MoE.from_gguf(case["gguf"], 0, device=dev, **kw)
+        assert torch.equal(layer(pool[mine]), whole(pool)[mine]), f"rank {rank}: GGUF layer"
+        return
+    if case.get("skewed"):  # every pair on the experts of rank 0
+        ids = torch.stack([torch.randperm(E // world, generator=torch.Generator().manual_seed(t))[:K_TOP]
+                           for t in range(T_all)]).int().to(dev)
+        rw = torch.rand(T_all, K_TOP, generator=torch.Generator().manual_seed(9)).to(dev)
+        out = ep_moe_forward(pool[mine], shard(w, rank, world), topk_ids=ids[mine], topk_weights=rw[mine], **kw)
+        ref = moe_forward(pool, w, topk_ids=ids, topk_weights=rw, **kw)
+    elif case.get("mixed_dtypes"):  # rank 0 passes bf16, the others f32; the rows travel as f32
+        pool = pool.bfloat16().float()
+        x = pool[mine].bfloat16() if rank == 0 else pool[mine]
+        out = EPMoE(w, **kw)(x)
+        ref = moe_forward(pool, w, **kw)
+    elif case.get("auto"):  # automatic plans: widths follow each rank's counts, rows may travel as f32
+        out = EPMoE(w, path=case.get("path", "auto"))(pool[mine])
+        ref = moe_forward(pool, w, path=case.get("path", "auto"))
+        assert_rows_close(out, ref[mine], 2e-3, f"rank {rank}")
+        return
+    else:
+        layer = EPMoE(w, **kw)
+        out = layer(pool[mine], tok[mine] if case.get("hash") else None)
+        ref = moe_forward(pool, w, tok if case.get("hash") else None, **kw)
+    assert out.shape == (sizes[rank], H) and out.dtype == torch.float32
+    assert not torch.isnan(out).any()
+    assert torch.equal(out, ref[mine]), f"rank {rank}: max diff {(out - ref[mine]).abs().max():.3e}"
 
 
 def _free_port() -> int:
@@ -228,6 +234,7 @@ def _nccl_worker(rank: int, world: int, port: int, model: str) -> None:
             ref = ds4_moe_ref(x, w, topk_ids=ids, topk_weights=rw, round_f16=True)
             err = row_rel_err(out[:64], ref).max().item()
             assert err < 1e-3, f"{model} rank {rank} sizes {sizes}: {err:.2e}"
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
