@@ -292,7 +292,7 @@ def gate_clamp(experts: torch.nn.Module, F: int | None = None, *, where: str | N
     limits = []
     for attr in ("limit", "swiglu_limit"):
         v = getattr(m, attr, None)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf and float(v) not in limits:
             limits.append(float(v))
     reach = 2.0 * max([*limits, 16.0]) + 8.0
     dev = next((t.device for t in [*m.parameters(), *m.buffers()] if not t.is_meta), torch.device("cpu"))
