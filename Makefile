@@ -36,7 +36,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -c "import torch" 2>/dev/null || \
 	  $(VENV)/bin/python -m pip install -q "torch==2.13.0" || \
 	  $(VENV)/bin/python -m pip install -q torch
-	$(VENV)/bin/python -m pip install -q -e ".[dev,plots]"
+	$(VENV)/bin/python -m pip install -q -e ".[dev,plots,transformers]"
 	touch $@
 
 clean:
