@@ -447,6 +447,28 @@ def test_layer_runs_in_a_cuda_graph(model, T, hashed):
         assert torch.equal(out, layer(x, tok)), f"{model} T={T}: replay differs from eager"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", MODELS)
+def test_shared_expert_on_a_side_stream_gives_the_same_bits(model, monkeypatch):
+    """The shared expert on a second stream (schedule.SHARED_ON_SIDE_STREAM) changes nothing but the
+    overlap: the same bits as one stream, decode and prefill sizes, with another stream current."""
+    w = make_weights(*MODELS[model], "cuda", E=32, H=1024, F=512, k=6).packed()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for T in (1, 8, 300, 2048):
+        x = torch.randn(T, 1024, device="cuda", generator=g)
+        monkeypatch.setattr(schedule, "SHARED_ON_SIDE_STREAM", False)
+        one = moe_forward(x, w)
+        monkeypatch.setattr(schedule, "SHARED_ON_SIDE_STREAM", True)
+        two = moe_forward(x, w)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            other = moe_forward(x, w)
+        torch.cuda.current_stream().wait_stream(s)
+        assert torch.equal(one, two) and torch.equal(one, other), f"{model} T={T}"
+        assert not torch.isnan(two).any()
+
+
 # ----------------------------------------------------------------------------- torch.compile
 class _Block(torch.nn.Module):
     """A model around the layer: a projection, the MoE layer, a residual."""

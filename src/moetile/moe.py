@@ -188,6 +188,11 @@ def moe_forward(
     _check_x(x, H, weights.gate.device)
     T = x.shape[0]
     det = schedule.resolve_deterministic(deterministic)
+    plan_kw = dict(tile=tile, path=path, gate_up=gate_up, deterministic=det)
+    shared, side = None, None
+    if (include_shared and weights.has_shared and T and x.is_cuda and stage_hook is None
+            and schedule.SHARED_ON_SIDE_STREAM):
+        shared, side = _shared_on_side_stream(x, weights.packed(), plan_kw)
     if topk_ids is None:
         if weights.router is None:
             raise ValueError("no router weights: pass topk_ids and topk_weights")
@@ -217,25 +222,47 @@ def moe_forward(
     plan = schedule.plan_layer(T, k, E, schedule.form_key(weights.gate), tile=tile, path=path, gate_up=gate_up,
                                deterministic=det)
     y = _routed(x, weights.gate, weights.up, weights.down, topk_ids, topk_weights, plan, weights.clamp, hook)
-    shared = None
-    if include_shared and weights.has_shared:
-        shared = _shared(x, weights, dict(tile=tile, path=path, gate_up=gate_up, deterministic=det))
+    if side is not None:
+        torch.cuda.current_stream(x.device).wait_stream(side)
+    elif include_shared and weights.has_shared:
+        shared = _shared(x, weights, plan_kw)
         hook("shared")
     combine_slots(y, out, shared)
     hook("combine")
     return out
 
 
-def _shared(x, weights: MoEWeights, plan_kw: dict) -> torch.Tensor:
-    """f32 [T, H]: the shared expert of every token (weight 1), on the kernels; ``plan_kw`` are
-    plan_layer's overrides."""
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _shared_on_side_stream(x, weights: MoEWeights, plan_kw: dict) -> tuple[torch.Tensor, torch.cuda.Stream]:
+    """Start the shared expert of x on a second stream of x's GPU (it needs nothing but x, so it
+    runs beside the router and the routed experts); (its f32 [T, H] output, the stream), which the
+    caller's stream must wait for before reading the output. The output is allocated on the
+    caller's stream, so its memory follows that stream's order; the shared expert's own buffers live
+    and die on the side stream. Capturable in a CUDA graph (a fork and a join)."""
+    dev = x.device
+    main = torch.cuda.current_stream(dev)
+    side = _SIDE_STREAMS.get(dev.index)
+    if side is None:
+        side = _SIDE_STREAMS[dev.index] = torch.cuda.Stream(dev)
+    out = _buffer((x.shape[0], weights.dims[1]), torch.float32, dev)
+    side.wait_stream(main)
+    with torch.cuda.device(dev), torch.cuda.stream(side):
+        _shared(x, weights, plan_kw, out=out)
+    return out, side
+
+
+def _shared(x, weights: MoEWeights, plan_kw: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    """f32 [T, H] (in ``out`` if given): the shared expert of every token (weight 1), on the
+    kernels; ``plan_kw`` are plan_layer's overrides."""
     T = x.shape[0]
     ones_ids = torch.zeros((T, 1), dtype=torch.int32, device=x.device)
     ones_w = torch.ones((T, 1), dtype=torch.float32, device=x.device)
     sg, su, sd = (t.stack() for t in (weights.shared_gate, weights.shared_up, weights.shared_down))
     splan = schedule.plan_layer(T, 1, 1, schedule.form_key(sg), **plan_kw)
     emap = schedule.single_expert_map(T, x.device) if splan.path == "prefill" else None
-    return _routed(x, sg, su, sd, ones_ids, ones_w, splan, weights.clamp, emap=emap).view(T, -1)
+    return _routed(x, sg, su, sd, ones_ids, ones_w, splan, weights.clamp, emap=emap, out=out).view(T, -1)
 
 
 def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, clamp: float, hook=None,

@@ -324,6 +324,10 @@ GATE_UP = ("auto", "fused", "split")
 # deterministic mode's one token-tile width, whatever T and the routing are (the auto policy's pick
 # for DS4 at T = 2048); a tile's rows do not affect each other, so a fixed width and kernel shape
 # make a pair's result independent of the batch
+# The shared expert needs only x: on a GPU it runs on a second stream beside the router and the routed
+# experts (moe.moe_forward; not while a stage hook times the stages one by one). False: one stream (A/B).
+SHARED_ON_SIDE_STREAM = True
+
 DETERMINISTIC_WIDTH = 64
 
 
