@@ -35,6 +35,10 @@ def add_parser(sub) -> None:
     p.add_argument("--widths", default="16,32,64,128,256,auto", help="tile widths to time")
     p.add_argument("--no-baseline", action="store_true", help="skip the torch bf16 baseline")
     p.add_argument("--reps", type=int, default=20, help="timed repetitions per case (median; 1 on CPU)")
+    p.add_argument("--vs", default=None, choices=["transformers"],
+                   help="instead: one whole DS4 layer, DS4MoE q2/q4 against transformers' DeepseekV4SparseMoeBlock "
+                   "with bf16 experts (grouped_mm, batched_mm) at T = 1, 8, 128, 2048, same run (needs the "
+                   "transformers extra)")
     p.add_argument("--csv", default=None, help="append rows to this CSV")
     p.add_argument("--svg", default=None, help="plot tokens/s against T (matplotlib)")
     p.set_defaults(func=run)
@@ -71,6 +75,16 @@ def run(args) -> int:
     if not gpu:
         con.print("[yellow]No GPU: small shapes through Triton's interpreter. These are NOT performance "
                   "figures; they only show the benchmark runs end to end.[/]")
+    if args.vs:
+        from .bench_vs import run_vs_transformers
+
+        meta = dict(card=torch.cuda.get_device_name() if gpu else "cpu (interpreter)", torch=torch.__version__,
+                    triton=triton.__version__, commit=commit())
+        rows = run_vs_transformers(args, con, meta)
+        if args.csv:
+            write_csv(args.csv, rows)
+            con.print(f"rows appended to {args.csv}")
+        return 0
     shape = B.Shape(E=args.experts or (256 if gpu else 8), k=args.topk, H=args.hidden or (4096 if gpu else 256),
                     F=args.ffn or (2048 if gpu else 256))
     start = args.tokens_start or (512 if gpu else 16)
