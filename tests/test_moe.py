@@ -450,23 +450,27 @@ def test_layer_runs_in_a_cuda_graph(model, T, hashed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("model", MODELS)
 def test_shared_expert_on_a_side_stream_gives_the_same_bits(model, monkeypatch):
-    """The shared expert on a second stream (schedule.SHARED_ON_SIDE_STREAM) changes nothing but the
-    overlap: the same bits as one stream, decode and prefill sizes, with another stream current."""
+    """In a CUDA graph the shared expert runs on a second stream (schedule.SHARED_ON_SIDE_STREAM): the
+    replay gives the eager bits, with the flag on and off, decode and prefill sizes."""
     w = make_weights(*MODELS[model], "cuda", E=32, H=1024, F=512, k=6).packed()
+    layer = DS4MoE(w, validate=False)
     g = torch.Generator(device="cuda").manual_seed(0)
     for T in (1, 8, 300, 2048):
         x = torch.randn(T, 1024, device="cuda", generator=g)
-        monkeypatch.setattr(schedule, "SHARED_ON_SIDE_STREAM", False)
-        one = moe_forward(x, w)
-        monkeypatch.setattr(schedule, "SHARED_ON_SIDE_STREAM", True)
-        two = moe_forward(x, w)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            other = moe_forward(x, w)
-        torch.cuda.current_stream().wait_stream(s)
-        assert torch.equal(one, two) and torch.equal(one, other), f"{model} T={T}"
-        assert not torch.isnan(two).any()
+        want = layer(x)
+        for side in (True, False):
+            monkeypatch.setattr(schedule, "SHARED_ON_SIDE_STREAM", side)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                layer(x)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = layer(x)
+            out.fill_(float("nan"))
+            graph.replay()
+            assert torch.equal(out, want), f"{model} T={T} side={side}"
 
 
 # ----------------------------------------------------------------------------- torch.compile

@@ -191,7 +191,7 @@ def moe_forward(
     plan_kw = dict(tile=tile, path=path, gate_up=gate_up, deterministic=det)
     shared, side = None, None
     if (include_shared and weights.has_shared and T and x.is_cuda and stage_hook is None
-            and schedule.SHARED_ON_SIDE_STREAM):
+            and schedule.SHARED_ON_SIDE_STREAM and torch.cuda.is_current_stream_capturing()):
         shared, side = _shared_on_side_stream(x, weights.packed(), plan_kw)
     if topk_ids is None:
         if weights.router is None:

@@ -324,8 +324,10 @@ GATE_UP = ("auto", "fused", "split")
 # deterministic mode's one token-tile width, whatever T and the routing are (the auto policy's pick
 # for DS4 at T = 2048); a tile's rows do not affect each other, so a fixed width and kernel shape
 # make a pair's result independent of the batch
-# The shared expert needs only x: on a GPU it runs on a second stream beside the router and the routed
-# experts (moe.moe_forward; not while a stage hook times the stages one by one). False: one stream (A/B).
+# The shared expert needs only x: in a CUDA graph it runs on a second stream beside the router and the
+# routed experts (moe.moe_forward; q2 decode step 0.179 -> 0.146 ms, BENCHMARKS §9.8). Eager calls keep one
+# stream: there the fork made the layer slower (0.70 -> 0.78 ms at T=1, 3.95 -> 4.32 at T=128, measured).
+# False: one stream in graphs too (A/B).
 SHARED_ON_SIDE_STREAM = True
 
 DETERMINISTIC_WIDTH = 64
