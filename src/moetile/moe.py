@@ -190,9 +190,12 @@ def moe_forward(
     det = schedule.resolve_deterministic(deterministic)
     plan_kw = dict(tile=tile, path=path, gate_up=gate_up, deterministic=det)
     shared, side = None, None
-    if (include_shared and weights.has_shared and T and x.is_cuda and stage_hook is None
-            and schedule.SHARED_ON_SIDE_STREAM and torch.cuda.is_current_stream_capturing()):
-        shared, side = _shared_on_side_stream(x, weights.packed(), plan_kw)
+    if include_shared and weights.has_shared and T and x.is_cuda and stage_hook is None:
+        side = _side_stream(x.device)  # made in the eager warm-up call, before any capture
+        if schedule.SHARED_ON_SIDE_STREAM and torch.cuda.is_current_stream_capturing():
+            shared = _shared_on_side_stream(x, weights.packed(), plan_kw, side)
+        else:
+            side = None
     if topk_ids is None:
         if weights.router is None:
             raise ValueError("no router weights: pass topk_ids and topk_weights")
@@ -235,22 +238,26 @@ def moe_forward(
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
-def _shared_on_side_stream(x, weights: MoEWeights, plan_kw: dict) -> tuple[torch.Tensor, torch.cuda.Stream]:
-    """Start the shared expert of x on a second stream of x's GPU (it needs nothing but x, so it
-    runs beside the router and the routed experts); (its f32 [T, H] output, the stream), which the
-    caller's stream must wait for before reading the output. The output is allocated on the
+def _side_stream(dev: torch.device) -> torch.cuda.Stream:
+    side = _SIDE_STREAMS.get(dev.index)
+    if side is None:
+        side = _SIDE_STREAMS[dev.index] = torch.cuda.Stream(dev)
+    return side
+
+
+def _shared_on_side_stream(x, weights: MoEWeights, plan_kw: dict, side: torch.cuda.Stream) -> torch.Tensor:
+    """Start the shared expert of x on the stream ``side`` of x's GPU (it needs nothing but x, so it
+    runs beside the router and the routed experts); its f32 [T, H] output, which the caller's stream
+    must wait for (``wait_stream(side)``) before reading it. The output is allocated on the
     caller's stream, so its memory follows that stream's order; the shared expert's own buffers live
     and die on the side stream. Capturable in a CUDA graph (a fork and a join)."""
     dev = x.device
     main = torch.cuda.current_stream(dev)
-    side = _SIDE_STREAMS.get(dev.index)
-    if side is None:
-        side = _SIDE_STREAMS[dev.index] = torch.cuda.Stream(dev)
     out = _buffer((x.shape[0], weights.dims[1]), torch.float32, dev)
     side.wait_stream(main)
     with torch.cuda.device(dev), torch.cuda.stream(side):
         _shared(x, weights, plan_kw, out=out)
-    return out, side
+    return out
 
 
 def _shared(x, weights: MoEWeights, plan_kw: dict, out: torch.Tensor | None = None) -> torch.Tensor:
