@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import assert_rows_close, use_row_invariant_dot
 
-from moetile.distributed import EPMoE, ShardedMoE, _wire_dtype, check_agreement, ep_moe_forward, shard
+from moetile.distributed import EPMoE, ShardedMoE, _decode_max, _wire_dtype, check_agreement, ep_moe_forward, shard
 from moetile.moe import MoEWeights, moe_forward
 from moetile.ops.router import route
 from moetile.quant import random_blocks
@@ -47,6 +47,8 @@ def _case(rank: int, world: int, case: dict) -> None:
     """The body of one rank's case (its checks raise; the caller tears the group down)."""
     use_row_invariant_dot()
     dev = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dev)
     if case.get("mismatch"):  # rank 1 loads a layer with another F: every rank must refuse
         w = _weights(F=F if rank != 1 else 2 * F).to(dev)
         with pytest.raises(ValueError, match="disagree.*F differs"):
@@ -89,7 +91,7 @@ def _case(rank: int, world: int, case: dict) -> None:
         rw = torch.rand(T_all, K_TOP, generator=torch.Generator().manual_seed(9)).to(dev)
         out = ep_moe_forward(pool[mine], shard(w, rank, world), topk_ids=ids[mine], topk_weights=rw[mine], **kw)
         ref = moe_forward(pool, w, topk_ids=ids, topk_weights=rw, **kw)
-    elif case.get("mixed_dtypes"):  # rank 0 passes bf16, the others f32; the rows travel as f32
+    elif case.get("mixed_dtypes"):  # rank 0 passes bf16, the others f32; the same bits as one process
         pool = pool.bfloat16().float()
         x = pool[mine].bfloat16() if rank == 0 else pool[mine]
         out = EPMoE(w, **kw)(x)
@@ -175,16 +177,24 @@ def test_wrong_group_is_refused(tmp_path):
 
 
 def test_rows_travel_as_f16_only_to_prefill_plans():
-    """The wire dtype, from the gathered table (counts [src][dst], then each rank's path code: 0 auto,
-    1 prefill, 2 decode): f16 only when every receiving rank's plan reads f16 rows."""
+    """The wire dtype, from the gathered table (counts [src][dst], then each rank's decode limit:
+    _decode_max): f16 only when every receiving rank's plan reads f16 rows."""
     big, small = 5000, 1  # pairs: far above and below the mat-vec's limit
-    assert _wire_dtype([[big, big, 0], [big, big, 0]], 128, "Q4_K") == torch.float16
-    assert _wire_dtype([[big, small, 0], [big, 0, 0]], 128, "Q4_K") == torch.float32  # rank 1 gets 1 row
-    assert _wire_dtype([[big, 0, 0], [big, 0, 0]], 128, "Q4_K") == torch.float16  # rank 1 gets none
-    assert _wire_dtype([[small, big, 0], [big, big, 0]], 128, "Q4_K") == torch.float16  # own pairs stay home
-    assert _wire_dtype([[big, big, 0], [small, big, 0]], 128, "Q4_K") == torch.float32  # rank 0 gets 1 row
-    assert _wire_dtype([[small, small, 1], [small, small, 1]], 128, "Q4_K") == torch.float16  # forced prefill
-    assert _wire_dtype([[big, big, 0], [big, big, 2]], 128, "Q4_K") == torch.float32  # rank 1 forced decode
+    q4 = _decode_max("auto", False, "Q4_K")
+    assert q4 == 8 and _decode_max("auto", True, "Q4_K") == -1 and _decode_max("prefill", False, "Q4_K") == -1
+    assert _decode_max("decode", True, "Q4_K") > big
+    assert _wire_dtype([[big, big, q4], [big, big, q4]]) == torch.float16
+    assert _wire_dtype([[big, small, q4], [big, 0, q4]]) == torch.float32  # rank 1 gets 1 row
+    assert _wire_dtype([[big, 0, q4], [big, 0, q4]]) == torch.float16  # rank 1 gets none
+    assert _wire_dtype([[small, big, q4], [big, big, q4]]) == torch.float16  # own pairs stay home
+    assert _wire_dtype([[big, big, q4], [small, big, q4]]) == torch.float32  # rank 0 gets 1 row
+    assert _wire_dtype([[small, small, -1], [small, small, -1]]) == torch.float16  # forced prefill
+    assert _wire_dtype([[big, big, q4], [big, big, 1 << 62]]) == torch.float32  # rank 1 forced decode
+    # ranks of other forms: each receiver's own limit decides (IQ2_XXS fast 12, compact 8)
+    fast, compact = _decode_max("auto", False, "IQ2_XXS/fast"), _decode_max("auto", False, "IQ2_XXS/compact")
+    assert fast > compact
+    assert _wire_dtype([[0, 10, fast], [big, 0, compact]]) == torch.float16  # rank 1 (compact) gets 10 > 8
+    assert _wire_dtype([[0, big, compact], [10, 0, fast]]) == torch.float32  # rank 0 (fast) gets 10 <= 12
 
 
 # ----------------------------------------------------------------------------- two GPUs, NCCL, DS4 shapes

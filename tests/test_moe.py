@@ -452,14 +452,21 @@ def test_layer_runs_in_a_cuda_graph(model, T, hashed):
 def test_shared_expert_on_a_side_stream_gives_the_same_bits(model, monkeypatch):
     """In a CUDA graph the shared expert runs on a second stream (schedule.SHARED_ON_SIDE_STREAM): the
     replay gives the eager bits, with the flag on and off, decode and prefill sizes."""
+    import moetile.moe
+
+    forks = []
+    fork = moetile.moe._shared_on_side_stream
+    monkeypatch.setattr(moetile.moe, "_shared_on_side_stream", lambda *a: forks.append(1) or fork(*a))
     w = make_weights(*MODELS[model], "cuda", E=32, H=1024, F=512, k=6).packed()
     layer = DS4MoE(w, validate=False)
     g = torch.Generator(device="cuda").manual_seed(0)
     for T in (1, 8, 300, 2048):
         x = torch.randn(T, 1024, device="cuda", generator=g)
         want = layer(x)
+        assert not forks  # eager calls: one stream
         for side in (True, False):
             monkeypatch.setattr(schedule, "SHARED_ON_SIDE_STREAM", side)
+            forks.clear()
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
@@ -468,9 +475,24 @@ def test_shared_expert_on_a_side_stream_gives_the_same_bits(model, monkeypatch):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = layer(x)
+            assert len(forks) == side  # the capture forked (only) when asked
             out.fill_(float("nan"))
             graph.replay()
             assert torch.equal(out, want), f"{model} T={T} side={side}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_layer_on_a_gpu_that_is_not_current():
+    """x and the weights on cuda:1 while cuda:0 is current: the kernels launch on x's GPU (Triton
+    launches on the current device), the same bits as with cuda:1 current."""
+    w = make_weights("Q4_K", "Q4_K", "cuda:1", E=32, H=1024, F=512, k=6).packed()
+    x = torch.randn(40, 1024, device="cuda:1")
+    with torch.cuda.device(1):
+        want = moe_forward(x, w)
+    torch.cuda.set_device(0)
+    assert torch.equal(moe_forward(x, w), want)
+    assert torch.equal(moe_forward(x[:1], w), want[:1])
 
 
 # ----------------------------------------------------------------------------- torch.compile

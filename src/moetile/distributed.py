@@ -165,6 +165,13 @@ def ep_moe_forward(
     each stage: route (routing and the counts), send (rows out; the shared expert overlaps it),
     experts (the rows received, then this rank's own pairs while the results travel back), return
     (what is left of that trip), combine (slot sum)."""
+    with moe.on_device(x):  # Triton launches on the current device: make it x's
+        return _ep_moe_forward(x, sharded, token_ids, group, topk_ids, topk_weights, include_shared, tile, path,
+                               gate_up, validate, deterministic, stage_hook)
+
+
+def _ep_moe_forward(x, sharded, token_ids, group, topk_ids, topk_weights, include_shared, tile, path, gate_up,
+                    validate, deterministic, stage_hook) -> torch.Tensor:
     hook = stage_hook or (lambda name: None)
     world = dist.get_world_size(group)
     dev = sharded.local.gate.device
@@ -176,7 +183,7 @@ def ep_moe_forward(
         schedule.plan_layer(1, 1, w.dims[0], schedule.form_key(w.gate), **plan_kw)  # bad overrides fail here
         send = torch.zeros(world + 1, dtype=torch.int64, device=dev)
         send[:world].scatter_add_(0, dest, torch.ones_like(dest))
-        send[world] = _PATHS.index(path if path != "auto" or not det else "prefill")  # how this rank plans
+        send[world] = _decode_max(path, det, schedule.form_key(w.gate))  # how this rank plans the rows it gets
         failure = None
     except (ValueError, TypeError, RuntimeError, LookupError) as exc:
         failure, send = exc, torch.full((world + 1,), -1, dtype=torch.int64, device=dev)
@@ -184,11 +191,11 @@ def ep_moe_forward(
         if failure is not None:
             raise failure
         return moe.moe_forward(x, w, topk_ids=ids, topk_weights=rw, include_shared=include_shared,
-                               validate=False, stage_hook=hook, **plan_kw)
+                               validate=False, stage_hook=stage_hook, **plan_kw)
     cdev = _comm_device(dev, group)
     every = [torch.empty(world + 1, dtype=torch.int64, device=cdev) for _ in range(world)]
-    dist.all_gather(every, send.to(cdev), group=group)  # per source rank: counts per destination, path code
-    table = torch.stack(every).tolist()  # the one host sync; -1: the rank failed its checks
+    dist.all_gather(every, send.to(cdev), group=group)  # per source rank: counts per destination, decode limit
+    table = torch.stack(every).tolist()  # the one host sync; -1 counts: the rank failed its checks
     if failure is not None:
         raise failure
     bad = [r for r, row in enumerate(table) if row[0] < 0]
@@ -201,7 +208,7 @@ def ep_moe_forward(
     n, H, F = w.dims
     T, k = ids.shape
     R = sum(recv_l)
-    wire = _wire_dtype(table, n, schedule.form_key(w.gate))
+    wire = _wire_dtype(table)
     hook("route")
 
     def start(t: torch.Tensor, rows: int, out_splits, in_splits, out: torch.Tensor | None = None):
@@ -252,20 +259,28 @@ def ep_moe_forward(
     return out
 
 
-_PATHS = ("auto", "prefill", "decode")  # a rank's path: fixed, or "auto" (it follows the count)
+_FORCED_DECODE = 1 << 62
 
 
-def _wire_dtype(table: list[list[int]], n: int, form: str) -> torch.dtype:
+def _decode_max(path: str, det: bool, form: str) -> int:
+    """The most rows this rank computes on the mat-vec path (schedule.plan_layer's rule): -1 when its
+    plan is always the prefill path, _FORCED_DECODE when always the mat-vec."""
+    if path == "decode":
+        return _FORCED_DECODE
+    if path == "prefill" or det:
+        return -1
+    return schedule.DECODE_MAX_TOKENS[form]
+
+
+def _wire_dtype(table: list[list[int]]) -> torch.dtype:
     """f16 when every rank that receives rows from other ranks plans the prefill path for them (its
     kernels read f16 rows, so converting before the trip gives the same bits), else f32. Every rank
-    computes this from the same gathered table: counts [src][dst] and, last, each rank's path code."""
+    computes this from the same gathered table: counts [src][dst] and, last, each rank's own decode
+    limit (_decode_max), so ranks with other forms or overrides still agree."""
     world = len(table)
     for d in range(world):
         R = sum(row[d] for s, row in enumerate(table) if s != d)  # a rank's own pairs do not travel
-        p = _PATHS[table[d][world]]
-        if p == "auto":
-            p = schedule.plan_layer(R, 1, n, form).path
-        if R and p != "prefill":
+        if R and R <= table[d][world]:
             return torch.float32
     return torch.float16
 

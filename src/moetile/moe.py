@@ -7,6 +7,7 @@ Math and order of operations: ../shared/ds4-moe-reference.md §2-3.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from dataclasses import dataclass, replace
@@ -184,6 +185,18 @@ def moe_forward(
     CUDA events there. NaN/Inf in a token's x reach only that
     token's output (and, via the router, its expert choice), never other tokens.
     """
+    with on_device(x):  # Triton launches on the current device: make it x's
+        return _moe_forward(x, weights, token_ids, topk_ids, topk_weights, include_shared, tile, path, gate_up,
+                            validate, deterministic, stage_hook)
+
+
+def on_device(x):
+    """A context making x's GPU the current device (the kernels launch there), or nothing for CPU x."""
+    return torch.cuda.device(x.device) if isinstance(x, torch.Tensor) and x.is_cuda else contextlib.nullcontext()
+
+
+def _moe_forward(x, weights, token_ids, topk_ids, topk_weights, include_shared, tile, path, gate_up, validate,
+                 deterministic, stage_hook) -> torch.Tensor:
     E, H, F = weights.dims
     _check_x(x, H, weights.gate.device)
     T = x.shape[0]
@@ -196,38 +209,39 @@ def moe_forward(
             shared = _shared_on_side_stream(x, weights.packed(), plan_kw, side)
         else:
             side = None
-    if topk_ids is None:
-        if weights.router is None:
-            raise ValueError("no router weights: pass topk_ids and topk_weights")
-        topk_ids, topk_weights = route(
-            x, weights.router, bias=weights.bias, token_ids=token_ids, hash_table=weights.hash_table,
-            k=weights.top_k, scale=weights.scale, validate=validate, deterministic=det,
-        )
-    else:
-        topk_ids, topk_weights = _check_ids(topk_ids, topk_weights, T, E, validate)
-    hook = stage_hook or (lambda name: None)
-    hook("route")
-    k = topk_ids.shape[1]
-    out = _buffer((T, H), torch.float32, x.device)
-    if T == 0:
-        return out
-    schedule.tile_max_from_env()  # a bad MOETILE_TILE_MAX is an error on every path, not only the kernels'
-    if not use_kernel(x.device, "moe_forward"):
-        from .reference import ds4_moe_ref
+    try:
+        if topk_ids is None:
+            if weights.router is None:
+                raise ValueError("no router weights: pass topk_ids and topk_weights")
+            topk_ids, topk_weights = route(
+                x, weights.router, bias=weights.bias, token_ids=token_ids, hash_table=weights.hash_table,
+                k=weights.top_k, scale=weights.scale, validate=validate, deterministic=det,
+            )
+        else:
+            topk_ids, topk_weights = _check_ids(topk_ids, topk_weights, T, E, validate)
+        hook = stage_hook or (lambda name: None)
+        hook("route")
+        k = topk_ids.shape[1]
+        out = _buffer((T, H), torch.float32, x.device)
+        if T == 0:
+            return out
+        schedule.tile_max_from_env()  # a bad MOETILE_TILE_MAX is an error on every path, not only the kernels'
+        if not use_kernel(x.device, "moe_forward"):
+            from .reference import ds4_moe_ref
 
-        # deterministic: token by token, so that no BLAS call's shape depends on the batch
-        rows = [slice(t, t + 1) for t in range(T)] if det else [slice(0, T)]
-        for r in rows:
-            out[r] = ds4_moe_ref(x[r], weights, topk_ids=topk_ids[r], topk_weights=topk_weights[r],
-                                 include_shared=include_shared, round_f16=True)
-        return out
-    weights = weights.packed()  # a no-op for packed weights; QuantTensors pack once (cached)
-    plan = schedule.plan_layer(T, k, E, schedule.form_key(weights.gate), tile=tile, path=path, gate_up=gate_up,
-                               deterministic=det)
-    y = _routed(x, weights.gate, weights.up, weights.down, topk_ids, topk_weights, plan, weights.clamp, hook)
-    if side is not None:
-        torch.cuda.current_stream(x.device).wait_stream(side)
-    elif include_shared and weights.has_shared:
+            # deterministic: token by token, so that no BLAS call's shape depends on the batch
+            rows = [slice(t, t + 1) for t in range(T)] if det else [slice(0, T)]
+            for r in rows:
+                out[r] = ds4_moe_ref(x[r], weights, topk_ids=topk_ids[r], topk_weights=topk_weights[r],
+                                     include_shared=include_shared, round_f16=True)
+            return out
+        weights = weights.packed()  # a no-op for packed weights; QuantTensors pack once (cached)
+        plan = schedule.plan_layer(T, k, E, schedule.form_key(weights.gate), **plan_kw)
+        y = _routed(x, weights.gate, weights.up, weights.down, topk_ids, topk_weights, plan, weights.clamp, hook)
+    finally:
+        if side is not None:  # joined on every exit: a capture must not end with the fork open
+            torch.cuda.current_stream(x.device).wait_stream(side)
+    if side is None and include_shared and weights.has_shared:
         shared = _shared(x, weights, plan_kw)
         hook("shared")
     combine_slots(y, out, shared)
@@ -338,7 +352,7 @@ def _check_ids(ids, w, T, E, validate):
         raise ValueError(f"topk_weights must be a float tensor of shape {tuple(ids.shape)} when topk_ids is given")
     if validate and ids.numel() and bool(((ids < 0) | (ids >= E)).any()):
         raise ValueError(f"topk_ids holds expert ids outside [0, {E})")
-    return ids.to(torch.int32).contiguous(), w.to(torch.float32).contiguous()
+    return ids_int32(ids, E).view(ids.shape), w.to(torch.float32).contiguous()  # 2**32 + e must not wrap to e
 
 
 class DS4MoE(torch.nn.Module):

@@ -367,11 +367,46 @@ def test_quantize_experts_frees_the_float_weights_and_reports_memory():
     assert "2 MoE layers, experts IQ2_XXS/compact + Q2_K" in str(report)
     with pytest.raises(ValueError, match="already replaced by moetile's"):
         mt.quantize_experts(model)
-    # a deep copy runs on its own buffers
+    # a deep copy of a model that already ran (its weights cached) runs on its own buffers
+    mt._weights(experts_of(model)[0])
     twin = copy.deepcopy(model)
     te = experts_of(twin)[0]
     assert mt._weights(te).gate.planes["grid"].data_ptr() == te.moetile_gate_grid.data_ptr()
     assert te.moetile_gate_grid.data_ptr() != experts_of(model)[0].moetile_gate_grid.data_ptr()
+
+
+def test_moving_the_model_frees_the_old_blocks():
+    """After a forward the backend caches its weights; model.to() must still free the old buffers at
+    once (the cache holds them weakly), and the next call runs on the new ones."""
+    import gc
+    import weakref
+
+    model = make_model("mixtral")
+    mt.quantize_experts(model, "q4_K")
+    ids = tokens(4)
+    with torch.no_grad():
+        want = model(ids).logits
+    e = experts_of(model)[0]
+    old = weakref.ref(e.moetile_gate_codes)
+    model.to(torch.float32)  # a no-op for the packed integer buffers
+    assert old() is e.moetile_gate_codes
+    model.to("meta")
+    gc.collect()
+    assert old() is None, "the old packed blocks are still held"
+    model.to_empty(device="cpu")  # fresh buffers (garbage): the cache must not hand back the old weights
+    w = mt._weights(e)
+    assert w.gate.planes["codes"].data_ptr() == e.moetile_gate_codes.data_ptr()
+    assert want.isfinite().all()
+
+
+def test_two_modules_for_one_gguf_block_are_refused(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    src = make_model("deepseek_v4", seed=1)
+    write_model_gguf(path, src)
+    both = torch.nn.Module()
+    both.a, both.b = src.model, copy.deepcopy(src.model)  # a.layers.0 and b.layers.0 -> blk.0 twice
+    with pytest.raises(ValueError, match=r"both map to GGUF block blk\.0"):
+        mt.load_gguf_experts(both, path)
 
 
 def test_importance_steers_the_quantizer():

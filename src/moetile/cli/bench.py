@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--vs", default=None, choices=["transformers"],
                    help="instead: one whole DS4 layer, DS4MoE q2/q4 against transformers' DeepseekV4SparseMoeBlock "
                    "with bf16 experts (grouped_mm, batched_mm) at T = 1, 8, 128, 2048, same run (needs the "
-                   "transformers extra)")
+                   "transformers extra; of the other options only --form, --reps and --csv apply)")
     p.add_argument("--csv", default=None, help="append rows to this CSV")
     p.add_argument("--svg", default=None, help="plot tokens/s against T (matplotlib)")
     p.set_defaults(func=run)

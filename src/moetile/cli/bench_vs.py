@@ -44,7 +44,7 @@ def run_vs_transformers(args, con, meta: dict) -> list[dict]:
     q = {m: B.make_weights(m, B.Shape(E=E, k=k, H=H, F=F), dev, seed=i + 1, form=args.form)
          for i, m in enumerate(("q2", "q4"))}
     shared = [random_blocks("Q8_0", s, g, dev) for s in ((F, H), (F, H), (H, F))]
-    router = torch.randn(E, H, device=dev, generator=g) * 0.02
+    router = (torch.randn(E, H, device=dev, generator=g) * 0.02).bfloat16().float()  # the block holds it in bf16
     bias = torch.rand(E, device=dev, generator=g) * 0.05
 
     cfg = transformers.DeepseekV4Config(

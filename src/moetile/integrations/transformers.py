@@ -42,6 +42,7 @@ import math
 import os
 import re
 import sys
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -138,7 +139,7 @@ def _weights(m) -> MoEWeights:
         )
     bufs = tuple(m._buffers.get(n) for n in st.names)
     c = st.cache
-    if c is not None and all(a is b for a, b in zip(c[0], bufs, strict=True)):
+    if c is not None and all(r() is b for r, b in zip(c[0], bufs, strict=True)):
         return c[1]
     if any(b is None for b in bufs):
         raise RuntimeError(f"{type(m).__name__}: the moetile buffers {st.names} are gone from the experts module")
@@ -149,7 +150,15 @@ def _weights(m) -> MoEWeights:
         parts.append(PackedTensor(qtype, form, shape,
                                   {name: _unstore(next(it), dtype) for name, dtype in planes}))
     w = MoEWeights(*parts, top_k=st.top_k, scale=1.0, clamp=st.clamp)
-    st.cache = (bufs, w)
+    # The cache holds the buffers weakly and w only views of them: once model.to() replaces the buffers,
+    # the old ones die, the callback drops the cache, and their memory is freed without another call.
+    token = object()
+
+    def drop(_ref, st=st, token=token):
+        if st.cache is not None and st.cache[2] is token:
+            st.cache = None
+
+    st.cache = (tuple(weakref.ref(b, drop) for b in bufs), w, token)
     return w
 
 
@@ -158,7 +167,7 @@ def _store(t: torch.Tensor) -> torch.Tensor:
 
 
 def _unstore(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.view(dtype) if t.dtype != dtype else t
+    return t.view(dtype)  # always a new view: the weights built from it never hold the buffer object itself
 
 
 # --------------------------------------------------------------------------- the model's experts
@@ -298,6 +307,7 @@ def gate_clamp(experts: torch.nn.Module, F: int | None = None, *, where: str | N
     dev = next((t.device for t in [*m.parameters(), *m.buffers()] if not t.is_meta), torch.device("cpu"))
     S = 8
     g = torch.linspace(-reach, reach, S * F).double()  # float32 values, so both sides see the same inputs
+    g[:8] = torch.tensor([-6e4, -1e4, -1e3, -100.0, 100.0, 1e3, 1e4, 6e4])  # a clamp under another name shows
     u = g[torch.randperm(S * F, generator=torch.Generator().manual_seed(0))]
     g, u = g.reshape(S, F), u.reshape(S, F)
     gate_up = torch.cat([g, u], 1) if m.is_concatenated else torch.stack([g, u], 2).reshape(S, 2 * F)
@@ -627,6 +637,12 @@ def load_gguf_experts(model: torch.nn.Module, path, include_router: bool = False
     for s in sites:
         if s.layer is None:
             raise ValueError(f"{s.name}: no 'layers.N' in its module path, so no GGUF block blk.N to load it from")
+    seen = {}
+    for s in sites:
+        if s.layer in seen:
+            raise ValueError(f"{seen[s.layer]} and {s.name} both map to GGUF block blk.{s.layer}; load_gguf_experts "
+                             "needs one experts module per decoder layer")
+        seen[s.layer] = s.name
     in_file = set(f.layers())
     in_model = {s.layer for s in sites}
     if in_model - in_file or in_file - in_model:

@@ -33,8 +33,11 @@ def combine_slots(y: torch.Tensor, out: torch.Tensor, add: torch.Tensor | None =
     if rows is None:
         k = y.shape[1]
     else:
+        if rows.dim() != 2 or rows.shape[0] != T or rows.device != y.device or y.dim() != 2 or y.shape[1] != H:
+            raise ValueError(f"combine_slots: rows must be [T={T}, k] on {y.device} with y [rows, {H}], got rows "
+                             f"{tuple(rows.shape)} on {rows.device} and y {tuple(y.shape)}")
         k = rows.shape[1]
-        rows = rows.contiguous()
+        rows = rows.to(torch.int64).contiguous()  # row * H in int64
     if T:
         combine_slots_kernel[(T, -(-H // BLOCK))](
             y, add if add is not None else y, rows if rows is not None else y, out, H, TOPK=k,
