@@ -128,6 +128,23 @@ def test_hash_entry_outside_the_experts(path, device):
     keep = ~nan_rows
     assert row_rel_err(out[keep], ref[keep]).max() < (BOUND_PREFILL if path == "prefill" else BOUND_DECODE)
 
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_int64_ids_beyond_int32_do_not_wrap(path, device):
+    """topk_ids given as int64 with validate=False: 2**32 + e is outside [0, E), so that token's row is
+    NaN, never expert e's result (a cast to int32 first would wrap it)."""
+    w = make_weights("Q4_K", "Q4_K", device, shared=False)
+    T = 3 if path == "decode" else 12
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(9)).to(device)
+    ids = torch.stack([torch.randperm(E, generator=torch.Generator().manual_seed(t))[:2] for t in range(T)]).to(device)
+    rw = torch.rand(T, 2, generator=torch.Generator().manual_seed(10)).to(device)
+    bad = ids.clone()
+    bad[1, 0] += 1 << 32
+    out = moe_forward(x, w, topk_ids=bad, topk_weights=rw, path=path, validate=False).cpu()
+    good = moe_forward(x, w, topk_ids=ids, topk_weights=rw, path=path, validate=False).cpu()
+    assert torch.isnan(out).any(1).tolist() == [t == 1 for t in range(T)]
+    assert torch.allclose(out[0], good[0], rtol=1e-5, atol=1e-6)  # the other tokens: as without the bad id
+
+
 def test_bypass_router_and_no_shared(device):
     w = make_weights("IQ2_XXS", "Q2_K", device, shared=False)
     T = 20
