@@ -194,7 +194,7 @@ def test_rows_travel_as_f16_only_to_prefill_plans():
     fast, compact = _decode_max("auto", False, "IQ2_XXS/fast"), _decode_max("auto", False, "IQ2_XXS/compact")
     assert fast > compact
     assert _wire_dtype([[0, 10, fast], [big, 0, compact]]) == torch.float16  # rank 1 (compact) gets 10 > 8
-    assert _wire_dtype([[0, big, compact], [10, 0, fast]]) == torch.float32  # rank 0 (fast) gets 10 <= 12
+    assert _wire_dtype([[0, big, fast], [10, 0, compact]]) == torch.float32  # rank 0 (fast) gets 10 <= 12
 
 
 # ----------------------------------------------------------------------------- two GPUs, NCCL, DS4 shapes
