@@ -81,3 +81,20 @@ def test_write_csv_has_one_header(tmp_path):
     with pytest.raises(ValueError, match="holds other columns"):  # appending other columns would misalign them
         write_csv(path, [dict(card="c", ms=0.3)])
     assert len(list(csv.DictReader(open(path)))) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the main job takes minutes: `make run` there")
+def test_main_job_runs_end_to_end(tmp_path, capsys):
+    """`moetile run` (README's main command) builds each step's arguments from that command's own
+    parser: a new option of a step cannot break it (bench --vs once did)."""
+    assert cli.main(["run", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "bench.csv").exists() and "done" in capsys.readouterr().out
+
+
+def test_main_job_steps_take_their_parsers_defaults():
+    from moetile.cli.run import _args
+
+    b = _args("bench", model="q4")
+    assert b.model == "q4" and b.vs is None and b.reps == 20
+    with pytest.raises(TypeError, match="no option"):
+        _args("bench", not_an_option=1)

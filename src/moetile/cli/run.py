@@ -30,13 +30,13 @@ def run(args) -> int:
     if interp:
         con.print("[yellow]CPU only: the kernels run through Triton's interpreter on small shapes; "
                   "no figure below is a performance figure.[/]")
-    rc = info.run(argparse.Namespace())
+    rc = info.run(_args("info"))
     con.rule("audit")
     a = dict(n=64, k=768, rows=None, widths="16,32,64,128,256", experts=8, seed=0, form="all")
     if gpu:
-        rc |= audit.run(argparse.Namespace(qtype="all", rhs="both", **a))
+        rc |= audit.run(_args("audit", qtype="all", rhs="both", **a))
     else:
-        rc |= audit.run(argparse.Namespace(qtype="q4_k", rhs="f32", **dict(a, k=512, widths="32,64")))
+        rc |= audit.run(_args("audit", qtype="q4_k", rhs="f32", **dict(a, k=512, widths="32,64")))
     con.rule("bench")
     for model in ("q2", "q4"):
         b = dict(model=model, form="auto", experts=None, topk=6, hidden=None, ffn=None, gguf=None, layer=None,
@@ -47,14 +47,26 @@ def run(args) -> int:
             b.update(tokens_start=512, tokens_max=8192, widths="16,64,128,256,auto")
         else:
             b.update(tokens_start=16, tokens_max=32, widths="16,auto", gen_tokens=0)
-        rc |= bench.run(argparse.Namespace(**b))
+        rc |= bench.run(_args("bench", **b))
         if not gpu:
             break
     if gpu:
         con.rule("profile")
         for model in ("q2", "q4"):
-            rc |= profile.run(argparse.Namespace(model=model, form="auto", tokens=2048, tile="auto",
-                                                 gate_up="auto", reps=10,
-                                                 csv=os.path.join(args.out, "profile.csv")))
+            rc |= profile.run(_args("profile", model=model, form="auto", tokens=2048, tile="auto",
+                                    gate_up="auto", reps=10, csv=os.path.join(args.out, "profile.csv")))
     con.rule("[green]done[/]" if rc == 0 else "[red]FAILED[/]")
     return rc
+
+
+def _args(cmd: str, **kw) -> argparse.Namespace:
+    """The arguments of command ``cmd`` as its own parser defaults them, with ``kw`` set: a new
+    option of a command needs no change here."""
+    from .main import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[cmd]
+    args = {a.dest: a.default for a in sub._actions if a.dest != "help"}
+    unknown = set(kw) - set(args)
+    if unknown:
+        raise TypeError(f"moetile {cmd} has no option {sorted(unknown)}")
+    return argparse.Namespace(**{**args, **kw})
