@@ -27,6 +27,7 @@ def run_vs_transformers(args, con, meta: dict) -> list[dict]:
     from .. import benchmark as B
     from ..moe import DS4MoE, MoEWeights
     from ..quant import random_blocks
+    from .bench import _rotation
 
     try:
         import transformers
@@ -93,9 +94,8 @@ def run_vs_transformers(args, con, meta: dict) -> list[dict]:
                 for name, fn in variants.items():
                     if name.endswith("batched_mm") and T > BATCHED_MM_MAX_T:
                         continue
-                    it = iter(range(1 << 30))
-                    runs.setdefault(name, []).append(
-                        B.time_ms(lambda fn=fn, it=it, xs=xs: fn(xs[next(it) % 3]), reps=reps))
+                    nxt = _rotation(xs)
+                    runs.setdefault(name, []).append(B.time_ms(lambda fn=fn, nxt=nxt: fn(nxt()), reps=reps))
             rows += [dict(meta, T=T, variant=name, ms=min(v), ms_rounds=" ".join(f"{m:.3f}" for m in v))
                      for name, v in runs.items()]
             a = layers["q4"](xs[0]).float()

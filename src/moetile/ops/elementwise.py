@@ -28,7 +28,9 @@ def combine_slots(y: torch.Tensor, out: torch.Tensor, add: torch.Tensor | None =
                   rows: torch.Tensor | None = None) -> torch.Tensor:
     """out f32 [T, H] = sum over slots of y f32 [T, k, H] in slot order 0..k-1, plus ``add`` [T, H].
     With ``rows`` (int64 [T, k]) slot s of token t is read from row rows[t, s] of y [T*k, H] (pairs
-    that arrived in another order: expert parallelism), so no copy puts them in place first."""
+    that arrived in another order: expert parallelism), so no copy puts them in place first. The
+    index's values are not checked (that would sync with the host): this internal op's callers pass a
+    permutation of y's rows."""
     T, H = out.shape
     if rows is None:
         k = y.shape[1]
