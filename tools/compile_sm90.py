@@ -7,6 +7,7 @@ decoder that only the GPU would run cannot break unseen in CI. Prints one line p
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
@@ -18,6 +19,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from moetile import schedule  # noqa: E402
+from moetile.kernels.act_quant import act_quant_kernel  # noqa: E402
 from moetile.kernels.mm_id import mul_mm_id_kernel  # noqa: E402
 from moetile.kernels.mv_id import mul_mv_id_kernel, mv_reduce_kernel  # noqa: E402
 from moetile.kernels.router import route_select_kernel, router_logits_kernel  # noqa: E402
@@ -54,7 +56,8 @@ def variants():
         sig = {"part_ptr": "*fp32", "bias_ptr": "*fp32", "tok_ptr": "*i32", "table_ptr": "*i32", "ids_ptr": "*i32",
                "wts_ptr": "*fp32", "T": "i32", "E": "i32", "V": "i32", "S": "i32", "scale": "fp32"}
         consts = dict(TOPK=6, HAS_BIAS=not hashed, HASH=hashed, BLOCK_T=cfg.select_t, BLOCK_E=256, BLOCK_K=8)
-        yield (f"route_select hash={hashed}", lambda s=sig, c=consts: _compile(route_select_kernel, s, c, 4, 2))
+        yield (f"route_select hash={hashed}",
+               lambda s=sig, c=consts: _compile(route_select_kernel, s, c, cfg.select_warps, 2))
     for form, (key, p) in FORMS.items():
         for width in schedule.WIDTHS:
             for fused in (False, True):
@@ -67,17 +70,22 @@ def variants():
                               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
                 yield (f"mul_mm_id {key} w={width} fused={fused}",
                        lambda s=sig, c=consts, g=cfg: _compile(mul_mm_id_kernel, s, c, g.num_warps, g.num_stages))
-        for fused in (False, True):
-            cfg = schedule.mv_config(interpreter=False)
-            for split in (False, True):
-                sig = {**_planes(p), "rhs_ptr": "*fp32", "ids_ptr": "*i32", "route_w_ptr": "*fp32",
-                       "out_ptr": "*fp32", "part_ptr": "*fp32", "part2_ptr": "*fp32",
-                       **{n: "i32" for n in sorted(INTS)}}
-                sig = {k: sig[k] for k in mul_mv_id_kernel.arg_names if k in sig}
-                consts = dict(FORM=form, ASM=cfg.asm, RHS_PER_PAIR=not fused, FUSE_SWIGLU=fused, CLAMP=10.0,
-                              SPLIT=split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
-                yield (f"mul_mv_id {key} fused={fused} split={split}",
-                       lambda s=sig, c=consts, g=cfg: _compile(mul_mv_id_kernel, s, c, g.num_warps, 2))
+        for fused, split, act in itertools.product((False, True), (False, True), schedule.MV_ACTS):
+            cfg = schedule.mv_config(interpreter=False, act=act)
+            q = act == "q8x2"
+            planes = ("*i32",) + p[1:] if q and key == "Q2_K" else p  # 16 codes per int32 word
+            sig = {**_planes(planes), "rhs_ptr": "*fp32", "ids_ptr": "*i32", "route_w_ptr": "*fp32",
+                   "out_ptr": "*fp32", "part_ptr": "*fp32", "part2_ptr": "*fp32", "qa_ptr": "*i32", "qs_ptr": "*fp32",
+                   "qsum_ptr": "*i32", **{n: "i32" for n in sorted(INTS)}}
+            sig = {k: sig[k] for k in mul_mv_id_kernel.arg_names if k in sig}
+            consts = dict(FORM=form, ASM=cfg.asm, RHS_PER_PAIR=not fused, FUSE_SWIGLU=fused, CLAMP=10.0,
+                          SPLIT=split, QACT=q, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+            yield (f"mul_mv_id {key} fused={fused} split={split} act={act}",
+                   lambda s=sig, c=consts, g=cfg: _compile(mul_mv_id_kernel, s, c, g.num_warps, 2))
+    for layout, x_t in itertools.product((0, 1, 2), ("*fp32", "*bf16", "*fp16")):
+        sig = {"x_ptr": x_t, "qa_ptr": "*i32", "qs_ptr": "*fp32", "qsum_ptr": "*i32", "NB": "i32", "x_stride": "i32"}
+        yield (f"act_quant layout={layout} x={x_t}",
+               lambda s=sig, c=dict(LAYOUT=layout, BLOCK_B=4): _compile(act_quant_kernel, s, c, 4, 2))
     for fused in (False, True):
         sig = {"part_ptr": "*fp32", "part2_ptr": "*fp32", "route_w_ptr": "*fp32", "out_ptr": "*fp32", "P": "i32",
                "N": "i32", "S": "i32"}

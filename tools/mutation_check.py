@@ -30,6 +30,10 @@ MUTANTS = [
      "        a, b = na, nb\n", "\n"),
     ("the last weight row of a program block dropped", "src/moetile/kernels/mm_id.py",
      "    n_ok = n < N\n", "    n_ok = n < N - 1\n"),
+    ("q8x2: the low int8 level of the activations dropped", "src/moetile/kernels/act_quant.py",
+     "q = tl.where(lev[None, :, :] == 0, qh, ql)", "q = tl.where(lev[None, :, :] == 0, qh, 0.0 * ql)"),
+    ("q8x2: the second 16 inputs' sum taken from the first", "src/moetile/kernels/act_quant.py",
+     "tl.sum(tl.where(first, 0, a), axis=1)", "tl.sum(tl.where(first, a, 0), axis=1)"),
 ]
 
 

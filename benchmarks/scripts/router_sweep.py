@@ -17,11 +17,10 @@ from moetile.ops.router import route
 from moetile.reference_routing import route_ref
 
 TOKENS = (1, 8, 128, 2048, 8192)
-# (block_t, block_e, block_k, warps, stages, h_chunk, select_t)
-SHAPES = [(64, 64, 32, 4, 3, 1024, 16), (64, 64, 32, 4, 3, 512, 16), (64, 64, 32, 4, 3, 256, 16),
-          (64, 32, 32, 4, 3, 512, 16), (64, 32, 32, 4, 3, 256, 16), (32, 32, 32, 4, 3, 256, 16),
-          (16, 32, 64, 4, 3, 512, 16), (16, 16, 64, 4, 3, 256, 16), (64, 16, 32, 2, 3, 512, 16),
-          (128, 64, 32, 8, 3, 512, 16), (64, 64, 64, 4, 3, 512, 16)]
+# (block_t, block_e, block_k, warps, stages, h_chunk, select_t, select_warps): the logits shape of the
+# policy with select kernels of several tokens per program and warps (the first row: the policy before)
+LOGITS = (64, 64, 32, 4, 3, 512)
+SHAPES = [LOGITS + sel for sel in ((16, 4), (1, 1), (2, 1), (4, 1), (4, 2), (8, 2), (16, 2), (8, 4))]
 
 
 def replay_ms(fn) -> float:
@@ -49,6 +48,7 @@ def main():
     print(head + " ".join(f"T={T:>6}" for T in TOKENS) + "  bits  ids=ref")
     base = [replay_ms(lambda x=pool[:T]: routing.route(x, w, bias=bias, k=k)) for T in TOKENS]
     print("routing.route (cuBLAS + torch)".ljust(40) + " ".join(f"{b:8.4f}" for b in base))
+    first = None
     for shape in SHAPES:
         schedule._ROUTER_SHAPE = shape
         ids, wts = route(pool, w, bias=bias, k=k)
@@ -56,6 +56,8 @@ def main():
             all(torch.equal(a, b[i]) for a, b in zip(route(pool[i], w, bias=bias, k=k), (ids, wts), strict=True))
             for i in (torch.randperm(8192, device=dev, generator=g)[:n] for n in (1, 5, 37, 999)))
         agree = (ids[:512].cpu() == ids_ref.cpu()).all(1).float().mean().item()
+        first = first or (ids, wts)
+        same = same and torch.equal(ids, first[0]) and torch.equal(wts, first[1])  # and as the first shape's
         ts = [replay_ms(lambda x=pool[:T]: route(x, w, bias=bias, k=k)) for T in TOKENS]
         print(str(shape).ljust(40) + " ".join(f"{t:8.4f}" for t in ts) + f"  {'same' if same else 'DIFFER'}"
               f"  {agree:.4f}")

@@ -32,16 +32,16 @@ def unregister(handle: int) -> None:
 
 @torch.library.custom_op("moetile::ds4_moe", mutates_args=())
 def ds4_moe(x: torch.Tensor, token_ids: torch.Tensor | None, layer: int, tile: str, path: str, gate_up: str,
-            deterministic: bool, validate: bool) -> torch.Tensor:
+            deterministic: bool, validate: bool, decode_act: str) -> torch.Tensor:
     """f32 [T, H]: moe.moe_forward of the registered layer ``layer``; ``tile`` "auto", "ds4" or a
     width written as a string."""
     from .moe import moe_forward
 
     width = int(tile) if tile.isdigit() else tile
     return moe_forward(x, _LAYERS[layer], token_ids, tile=width, path=path, gate_up=gate_up,
-                       deterministic=deterministic, validate=validate)
+                       deterministic=deterministic, validate=validate, decode_act=decode_act)
 
 
 @ds4_moe.register_fake
-def _(x, token_ids, layer, tile, path, gate_up, deterministic, validate):
+def _(x, token_ids, layer, tile, path, gate_up, deterministic, validate, decode_act):
     return x.new_empty((x.shape[0], x.shape[1]), dtype=torch.float32)

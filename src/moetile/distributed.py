@@ -269,7 +269,7 @@ def _decode_max(path: str, det: bool, form: str) -> int:
         return _FORCED_DECODE
     if path == "prefill" or det:
         return -1
-    return schedule.DECODE_MAX_TOKENS[form]
+    return schedule.decode_max_tokens(form)
 
 
 def _wire_dtype(table: list[list[int]]) -> torch.dtype:

@@ -18,6 +18,7 @@ from . import custom_ops, schedule
 from .devices import refuse_meta, resolve
 from .ops._checks import check_clamp, ids_int32
 from .ops._launch import use_kernel
+from .ops.act_quant import act_layout, quantize_act
 from .ops.elementwise import combine_slots, swiglu_weight
 from .ops.mul_mm_id import mul_mm_id_mapped
 from .ops.mul_mv_id import launch_mv
@@ -172,12 +173,15 @@ def moe_forward(
     validate: bool = True,
     deterministic: bool | None = None,
     stage_hook=None,
+    decode_act: str = "auto",
 ) -> torch.Tensor:
     """ffn_out f32 [T, H] = sum_s route_w[t,s] * down_e(SwiGLU(gate_e x, up_e x)) + shared(x).
 
     x: [T, H] f32/bf16/f16 (the ffn_norm output). token_ids: [T] (hash layers only).
     topk_ids int [T, k] and topk_weights f32 [T, k] bypass the router (other MoE models).
-    tile/path/gate_up override schedule.plan_layer (A/B). ``deterministic`` (None: env
+    tile/path/gate_up override schedule.plan_layer (A/B); so does ``decode_act``, the decode mat-vec's
+    activations: "q8x2" (two-level int8, integer products; row error ~3e-5) or "f32" (exact float32,
+    ~1e-7). ``deterministic`` (None: env
     ``MOETILE_DETERMINISTIC``): a token's output is the same bits whatever else is in the batch and
     in whatever order (one plan for every T; slower for small and large T, BENCHMARKS.md §9; the
     router kernels are batch-invariant in both modes). ``stage_hook(name)``, if given, is
@@ -187,7 +191,7 @@ def moe_forward(
     """
     with on_device(x):  # Triton launches on the current device: make it x's
         return _moe_forward(x, weights, token_ids, topk_ids, topk_weights, include_shared, tile, path, gate_up,
-                            validate, deterministic, stage_hook)
+                            validate, deterministic, stage_hook, decode_act)
 
 
 def on_device(x):
@@ -196,17 +200,18 @@ def on_device(x):
 
 
 def _moe_forward(x, weights, token_ids, topk_ids, topk_weights, include_shared, tile, path, gate_up, validate,
-                 deterministic, stage_hook) -> torch.Tensor:
+                 deterministic, stage_hook, decode_act) -> torch.Tensor:
     E, H, F = weights.dims
     _check_x(x, H, weights.gate.device)
     T = x.shape[0]
     det = schedule.resolve_deterministic(deterministic)
-    plan_kw = dict(tile=tile, path=path, gate_up=gate_up, deterministic=det)
+    plan_kw = dict(tile=tile, path=path, gate_up=gate_up, deterministic=det, decode_act=decode_act)
     shared, side = None, None
+    qx = _shared_act(x, weights, topk_ids, include_shared, plan_kw)
     if include_shared and weights.has_shared and T and x.is_cuda and stage_hook is None:
         side = _side_stream(x.device)  # made in the eager warm-up call, before any capture
         if schedule.SHARED_ON_SIDE_STREAM and torch.cuda.is_current_stream_capturing():
-            shared = _shared_on_side_stream(x, weights.packed(), plan_kw, side)
+            shared = _shared_on_side_stream(x, weights.packed(), plan_kw, side, qx)
         else:
             side = None
     try:
@@ -237,16 +242,34 @@ def _moe_forward(x, weights, token_ids, topk_ids, topk_weights, include_shared, 
             return out
         weights = weights.packed()  # a no-op for packed weights; QuantTensors pack once (cached)
         plan = schedule.plan_layer(T, k, E, schedule.form_key(weights.gate), **plan_kw)
-        y = _routed(x, weights.gate, weights.up, weights.down, topk_ids, topk_weights, plan, weights.clamp, hook)
+        y = _routed(x, weights.gate, weights.up, weights.down, topk_ids, topk_weights, plan, weights.clamp, hook,
+                    act_x=qx)
     finally:
         if side is not None:  # joined on every exit: a capture must not end with the fork open
             torch.cuda.current_stream(x.device).wait_stream(side)
     if side is None and include_shared and weights.has_shared:
-        shared = _shared(x, weights, plan_kw)
+        shared = _shared(x, weights, plan_kw, act_x=qx)
         hook("shared")
     combine_slots(y, out, shared)
     hook("combine")
     return out
+
+
+def _shared_act(x, weights: MoEWeights, topk_ids, include_shared: bool, plan_kw: dict):
+    """x quantized once for both the routed and the shared expert's mat-vec when both plan the
+    q8x2 decode path in the same activation layout (q2: IQ2_XXS and Q8_0), else None. Made before
+    the shared expert forks onto its side stream, so both streams may read it."""
+    T = x.shape[0]
+    if not (T and include_shared and weights.has_shared and use_kernel(x.device, "moe_forward")):
+        return None
+    w = weights.packed()
+    k = weights.top_k if topk_ids is None else topk_ids.shape[1]
+    routed = schedule.plan_layer(T, k, w.dims[0], schedule.form_key(w.gate), **plan_kw)
+    shared = schedule.plan_layer(T, 1, 1, schedule.form_key(w.shared_gate), **plan_kw)
+    if not all(p.path == "decode" and p.mv_act == "q8x2" for p in (routed, shared)):
+        return None
+    layout = act_layout(w.gate)
+    return quantize_act(x, layout) if act_layout(w.shared_gate) == layout else None
 
 
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
@@ -259,7 +282,7 @@ def _side_stream(dev: torch.device) -> torch.cuda.Stream:
     return side
 
 
-def _shared_on_side_stream(x, weights: MoEWeights, plan_kw: dict, side: torch.cuda.Stream) -> torch.Tensor:
+def _shared_on_side_stream(x, weights: MoEWeights, plan_kw: dict, side: torch.cuda.Stream, act_x=None) -> torch.Tensor:
     """Start the shared expert of x on the stream ``side`` of x's GPU (it needs nothing but x, so it
     runs beside the router and the routed experts); its f32 [T, H] output, which the caller's stream
     must wait for (``wait_stream(side)``) before reading it. The output is allocated on the
@@ -270,27 +293,44 @@ def _shared_on_side_stream(x, weights: MoEWeights, plan_kw: dict, side: torch.cu
     out = _buffer((x.shape[0], weights.dims[1]), torch.float32, dev)
     side.wait_stream(main)
     with torch.cuda.device(dev), torch.cuda.stream(side):
-        _shared(x, weights, plan_kw, out=out)
+        _shared(x, weights, plan_kw, out=out, act_x=act_x)
     return out
 
 
-def _shared(x, weights: MoEWeights, plan_kw: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+def _shared(x, weights: MoEWeights, plan_kw: dict, out: torch.Tensor | None = None, act_x=None) -> torch.Tensor:
     """f32 [T, H] (in ``out`` if given): the shared expert of every token (weight 1), on the
-    kernels; ``plan_kw`` are plan_layer's overrides."""
+    kernels; ``plan_kw`` are plan_layer's overrides; ``act_x``: x already quantized (_shared_act)."""
     T = x.shape[0]
-    ones_ids = torch.zeros((T, 1), dtype=torch.int32, device=x.device)
-    ones_w = torch.ones((T, 1), dtype=torch.float32, device=x.device)
+    ones_ids, ones_w = _expert0_weight1(T, x.device)
     sg, su, sd = (t.stack() for t in (weights.shared_gate, weights.shared_up, weights.shared_down))
     splan = schedule.plan_layer(T, 1, 1, schedule.form_key(sg), **plan_kw)
     emap = schedule.single_expert_map(T, x.device) if splan.path == "prefill" else None
-    return _routed(x, sg, su, sd, ones_ids, ones_w, splan, weights.clamp, emap=emap, out=out).view(T, -1)
+    return _routed(x, sg, su, sd, ones_ids, ones_w, splan, weights.clamp, emap=emap, out=out,
+                   act_x=act_x).view(T, -1)
+
+
+_EXPERT0: dict = {}  # device -> (zeros int32 [n, 1], ones f32 [n, 1]), grown on demand
+
+
+def _expert0_weight1(T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids int32 [T, 1] all 0, weights f32 [T, 1] all 1) of the shared expert, views of buffers
+    made once per device (a decode step is host-bound: two launches fewer). Never written to."""
+    ids, w = _EXPERT0.get(device, (None, None))
+    if ids is None or ids.shape[0] < T:
+        n = max(T, 64)
+        ids = torch.zeros((n, 1), dtype=torch.int32, device=device)
+        w = torch.ones((n, 1), dtype=torch.float32, device=device)
+        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():  # else the capture's own
+            _EXPERT0[device] = (ids, w)
+    return ids[:T], w[:T]
 
 
 def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, clamp: float, hook=None,
-            emap: schedule.ExpertMap | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+            emap: schedule.ExpertMap | None = None, out: torch.Tensor | None = None, act_x=None) -> torch.Tensor:
     """y_slots f32 [T, k, H]: route_w * down(SwiGLU_C(gate x, up x)) per (token, slot), C = ``clamp``;
     ``emap``: the expert map of ``ids`` when the caller has it without a sort (prefill); ``out``: a
-    contiguous f32 buffer of T*k*H elements to write into."""
+    contiguous f32 buffer of T*k*H elements to write into; ``act_x``: x quantized in gate's layout
+    (q8x2 decode plans; quantized here if None)."""
     T, k = ids.shape
     E, F, H = gate.shape
     P = T * k
@@ -300,9 +340,12 @@ def _routed(x, gate, up, down, ids, route_w, plan: schedule.LayerPlan, clamp: fl
     if plan.path == "decode":
         mid = _buffer((P, F), torch.float32, x.device)
         ids32 = ids_int32(ids, E)
-        launch_mv(x, gate, ids32, k, mid, w_up=up, route_weights=rw, clamp=clamp, split=plan.mv_split)
+        q = plan.mv_act == "q8x2"
+        act = (act_x if act_x is not None else quantize_act(x, act_layout(gate))) if q else None
+        launch_mv(x, gate, ids32, k, mid, w_up=up, route_weights=rw, clamp=clamp, split=plan.mv_split, act=act)
         hook("gate_up")
-        launch_mv(mid.view(T, k, F), down, ids32, k, y.view(P, H), split=plan.mv_split)
+        act = quantize_act(mid, act_layout(down)) if q else None
+        launch_mv(mid.view(T, k, F), down, ids32, k, y.view(P, H), split=plan.mv_split, act=act)
         hook("down")
         return y
     emap = emap if emap is not None else schedule.build_expert_map(ids, E)
@@ -363,16 +406,17 @@ class DS4MoE(torch.nn.Module):
     (``form`` picks the IQ2_XXS form: "auto", "fast" or "compact"). ``deterministic`` (None: env
     ``MOETILE_DETERMINISTIC``) makes each token's output independent of the batch (moe_forward).
     ``validate=False`` skips the value checks that sync with the host (expert and token id ranges),
-    so that a forward can be captured in a CUDA graph. Plan overrides (tile, path, gate_up) are
-    attributes for A/B runs.
+    so that a forward can be captured in a CUDA graph. Plan overrides (tile, path, gate_up,
+    decode_act) are attributes for A/B runs.
     """
 
     def __init__(self, weights: MoEWeights, *, form: str = "auto", tile="auto", path: str = "auto",
-                 gate_up: str = "auto", deterministic: bool | None = None, validate: bool = True):
+                 gate_up: str = "auto", deterministic: bool | None = None, validate: bool = True,
+                 decode_act: str = "auto"):
         super().__init__()
         self._register()
         self.weights = weights.packed(form)
-        self.tile, self.path, self.gate_up = tile, path, gate_up
+        self.tile, self.path, self.gate_up, self.decode_act = tile, path, gate_up, decode_act
         self.deterministic = schedule.resolve_deterministic(deterministic)
         self.validate = validate
 
@@ -419,9 +463,9 @@ class DS4MoE(torch.nn.Module):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         if torch.compiler.is_compiling():  # one opaque op for torch.compile (custom_ops.py)
             return torch.ops.moetile.ds4_moe(x, token_ids, self._handle, str(self.tile), self.path, self.gate_up,
-                                             self.deterministic, self.validate)
+                                             self.deterministic, self.validate, self.decode_act)
         return moe_forward(x, self.weights, token_ids, tile=self.tile, path=self.path, gate_up=self.gate_up,
-                           deterministic=self.deterministic, validate=self.validate)
+                           deterministic=self.deterministic, validate=self.validate, decode_act=self.decode_act)
 
     def extra_repr(self) -> str:
         E, H, F = self.weights.dims

@@ -120,3 +120,56 @@ def tile_list_ref(counts: torch.Tensor, width: int, n_tiles: int, min_rows: int 
     pad = n_tiles - len(expert)
     assert pad >= 0, f"{len(expert)} tiles do not fit the bound {n_tiles}"
     return torch.tensor(expert + [c.numel() - 1] * pad), torch.tensor(row + [2**31 - 1] * pad)
+
+
+def act_source_index(layout: int) -> torch.Tensor:
+    """int64 [16, 4]: the input (0..31 of a block) of byte j of word u in an activation layout
+    (kernels/qdot.py), and which level the word holds: returned as (src, level)."""
+    u = torch.arange(16)[:, None]
+    j = torch.arange(4)[None, :]
+    if layout == 0:
+        return 8 * (u // 4) + 4 * (u % 2) + j, (u // 2) % 2
+    if layout == 1:
+        return 8 * (u // 4) + 2 * j + (u % 2), (u // 2) % 2
+    return 16 * (u // 8) + (u % 4) + 4 * j, (u // 4) % 2
+
+
+def act_quant_ref(x: torch.Tensor, layout: int):
+    """(words int32 [R, B, 16], scales f32 [R, B], sums int32 [R, 2B]) as kernels/act_quant.py
+    computes them, in float32 torch (x [R, K])."""
+    R, K = x.shape
+    xb = x.float().reshape(R, K // 32, 32)
+    src, lev = (t.to(x.device) for t in act_source_index(layout))
+    xs = xb[:, :, src]  # [R, B, 16, 4]
+    amax = xb.abs().amax(-1)
+    has_nan = torch.isnan(xb).any(-1)
+    dx = amax / 127.0
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+
+    def r127(v):
+        r = torch.floor(v + 0.5).clamp(-127.0, 127.0)
+        return torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)
+
+    qh = r127(xs * inv[..., None, None])
+    ql = r127((xs - qh * dx[..., None, None]) * (inv * 256.0)[..., None, None])
+    q = torch.where(lev.bool(), ql, qh).to(torch.int64)
+    b = q & 255
+    words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    a = torch.where(lev.bool(), q, q * 256)  # [R, B, 16, 4]
+    sums = a.reshape(R, K // 32, 2, 32).sum(-1).reshape(R, K // 16).to(torch.int32)
+    scales = torch.where(has_nan, torch.full_like(dx, float("nan")), dx / 256.0)
+    return words, scales, sums
+
+
+def act_dequant_ref(words: torch.Tensor, scales: torch.Tensor, layout: int) -> torch.Tensor:
+    """float64 [R, K]: the activations the integer mat-vec multiplies, x^ = dx/256 * (256*qh + ql)."""
+    R, B, _ = words.shape
+    src, lev = (t.to(words.device) for t in act_source_index(layout))
+    w = words.to(torch.int64)
+    q = torch.stack([((w >> (8 * j)) & 255) for j in range(4)], -1)  # [R, B, 16, 4]
+    q = torch.where(q >= 128, q - 256, q)
+    a = torch.where(lev.bool(), q, q * 256)
+    out = torch.zeros((R, B, 32), dtype=torch.int64, device=words.device)
+    out.scatter_add_(2, src.reshape(1, 1, 64).expand(R, B, 64), a.reshape(R, B, 64))
+    return (out.double() * scales.double()[..., None]).reshape(R, B * 32)

@@ -251,16 +251,27 @@ class MVConfig:
     asm: bool = True
 
 
-def mv_config(interpreter: bool) -> MVConfig:
-    """Decode mat-vec shape: 16 rows per program on the GPU (few pairs, so many small programs fill
-    the SMs; BENCHMARKS §8), 64 under Triton's interpreter, whose cost is per program. Fewer than
-    16 rows with the PTX decoders gave wrong values for the word decoders on the H100 (Triton 3.6:
-    benchmarks/h100-2026-11-26/mv_config_check.log), so launch_mv refuses them."""
+def mv_config(interpreter: bool, act: str = "f32") -> MVConfig:
+    """Decode mat-vec shape for activations ``act`` ("f32" or "q8x2", MV_ACTS): 16 rows per program on
+    the GPU (few pairs, so many small programs fill the SMs; BENCHMARKS §8, §12), 64 under Triton's
+    interpreter, whose cost is per program. Fewer than 16 rows with the PTX decoders gave wrong values
+    for the word decoders on the H100 (Triton 3.6: benchmarks/h100-2026-11-26/mv_config_check.log), so
+    launch_mv refuses them; a K step is at most 256 (one block's scale of the K-quants and IQ2_XXS)."""
+    if act not in MV_ACTS:
+        raise ValueError(f"mat-vec activations must be one of {MV_ACTS}, got {act!r}")
     if interpreter:
         return MVConfig(64, 256, 2, asm=False)
-    return MVConfig(*_MV_SHAPE, asm=True)
+    return MVConfig(*(_MV_SHAPE_Q if act == "q8x2" else _MV_SHAPE), asm=True)
 
 
+# Activations of the decode mat-vec: "q8x2" quantizes them per 32 inputs to two int8 levels (x ~=
+# dx/256 * (256*qh + ql), error <= max|x|/32512) and multiplies with integer dp4a products, "f32" keeps
+# them exact in float32. q8x2 took a DS4 step's routed matmuls from 82.5 to 53 us (q2) and 82.6 to
+# 56 us (q4) on the H100 for a row error of ~3e-5 (BENCHMARKS.md §12).
+MV_ACTS = ("f32", "q8x2")
+MV_ACT = "q8x2"
+# q8x2: (16, 256, 2) was within 6% of the best of 12 shapes for q2/q4/compact/shared at T = 1 and 8
+_MV_SHAPE_Q = (16, 256, 2)
 _MV_SHAPE = (16, 128, 2)
 # the decode mat-vec cuts K into chunks until its grid has at least this many programs (a few
 # pairs give too few to keep the SMs busy otherwise): 512 was best of 1 (never), 512, 1024, 2048
@@ -286,7 +297,8 @@ class RouterConfig:
     """Launch shapes of the router (kernels/router.py). Logits: tokens, experts and inputs per
     program step, warps, pipelining stages, and ``h_chunk`` inputs per chunk (a multiple of
     block_k; chunks run in parallel and are summed in order by the select kernel). Select:
-    ``select_t`` tokens per program."""
+    ``select_t`` tokens per program, ``select_warps`` warps (neither changes a bit of the result:
+    the select kernel's sums run in a fixed order per token)."""
 
     block_t: int
     block_e: int
@@ -295,6 +307,7 @@ class RouterConfig:
     num_stages: int
     h_chunk: int
     select_t: int
+    select_warps: int
 
 
 def router_config(hidden: int, interpreter: bool) -> RouterConfig:
@@ -302,22 +315,35 @@ def router_config(hidden: int, interpreter: bool) -> RouterConfig:
     interpreter, whose cost is per program, wider blocks (and chunks of 128, so that the tests'
     small H still spans several)."""
     if interpreter:
-        return RouterConfig(16, 64, 64, 4, 1, 128, 16)
-    bt, be, bk, warps, stages, chunk, st = _ROUTER_SHAPE
-    return RouterConfig(bt, be, bk, warps, stages, min(chunk, -(-hidden // bk) * bk), st)
+        return RouterConfig(16, 64, 64, 4, 1, 128, 16, 4)
+    bt, be, bk, warps, stages, chunk, st, sw = _ROUTER_SHAPE
+    return RouterConfig(bt, be, bk, warps, stages, min(chunk, -(-hidden // bk) * bk), st, sw)
 
 
-# the best all-round of 11 shapes on the H100, GPU time in a CUDA graph from T = 1 to 8192 (BENCHMARKS.md §9,
-# benchmarks/scripts/router_sweep.py)
-_ROUTER_SHAPE = (64, 64, 32, 4, 3, 512, 16)
+# logits: the best all-round of 11 shapes on the H100, GPU time in a CUDA graph from T = 1 to 8192
+# (BENCHMARKS.md §9, benchmarks/scripts/router_sweep.py); select: one token per one-warp program was the
+# best of 8 (route at T = 1: 0.027 -> 0.021 ms, T = 8192: 0.317 -> 0.307; BENCHMARKS.md §12)
+_ROUTER_SHAPE = (64, 64, 32, 4, 3, 512, 1, 1)
 
 
 # --------------------------------------------------------------------------- layer plan
-# T at or below this takes the mat-vec path, by gate/up form. H100, whole DS4 step in a CUDA graph
-# with the K-split mat-vec (BENCHMARKS.md §9.6): q2 fast decode wins to T=12 (and 16), q4 to T=8
-# (12: prefill); q2 compact between 8 and 16 before the split (§8), kept at 8; Q2_K gate/up and the
-# shared expert (Q8_0) follow q4.
-DECODE_MAX_TOKENS = {"IQ2_XXS/fast": 12, "IQ2_XXS/compact": 8, "Q2_K": 8, "Q4_K": 8, "Q8_0": 8}
+# T at or below this takes the mat-vec path, by the mat-vec's activations and the gate/up form. H100, whole
+# DS4 step in a CUDA graph. q8x2 (BENCHMARKS.md §12): q2 fast decode wins to T=64 (96: prefill), q2
+# compact to 96 (128: even), q4 to 32 (48: prefill); the shared expert (Q8_0, E=1) to 8 (12: prefill);
+# Q2_K gate/up (no DS4 preset) not measured, follows Q4_K. f32 (§9.6): q2 fast to 12, q4 to 8, q2
+# compact kept at 8; Q2_K gate/up and Q8_0 follow q4.
+DECODE_MAX_TOKENS = {
+    "q8x2": {"IQ2_XXS/fast": 64, "IQ2_XXS/compact": 96, "Q2_K": 32, "Q4_K": 32, "Q8_0": 8},
+    "f32": {"IQ2_XXS/fast": 12, "IQ2_XXS/compact": 8, "Q2_K": 8, "Q4_K": 8, "Q8_0": 8},
+}
+
+
+def decode_max_tokens(form: str, act: str = "auto") -> int:
+    """The most tokens the "auto" plan runs on the mat-vec path for gate/up form ``form`` (form_key)
+    with activations ``act`` ("auto": MV_ACT)."""
+    return DECODE_MAX_TOKENS[MV_ACT if act == "auto" else act][form]
+
+
 PATHS = ("auto", "decode", "prefill")
 WIDE = 256  # the wide class of the "auto" plan (BENCHMARKS.md §8: skewed routing)
 GATE_UP = ("auto", "fused", "split")
@@ -347,7 +373,8 @@ class LayerPlan:
     plan (``wide`` > 0) gives experts with at least ``wide_rows`` pairs tiles of ``wide`` pairs
     (gate/up variant ``wide_gate_up``) and the rest tiles of ``width`` (skewed routing: a few
     crowded experts, many sparse ones). ``mv_split``: may the decode mat-vec cut K into chunks
-    (its chunk count follows the number of pairs, so a deterministic plan says no)."""
+    (its chunk count follows the number of pairs, so a deterministic plan says no); ``mv_act``: its
+    activations, "q8x2" or "f32" (MV_ACTS)."""
 
     path: str
     width: int
@@ -356,6 +383,7 @@ class LayerPlan:
     wide_rows: int = 0
     wide_gate_up: str = "split"
     mv_split: bool = True
+    mv_act: str = "f32"
 
     def tile_lists(self, emap: ExpertMap) -> list[tuple[TileList, str]]:
         """(tile list, gate/up variant) of each width class of this plan over ``emap``."""
@@ -366,11 +394,13 @@ class LayerPlan:
 
 
 def plan_layer(num_tokens: int, top_k: int, num_experts: int, form: str, *, tile="auto",
-               path: str = "auto", gate_up: str = "auto", deterministic: bool = False) -> LayerPlan:
+               path: str = "auto", gate_up: str = "auto", deterministic: bool = False,
+               decode_act: str = "auto") -> LayerPlan:
     """The one place that decides path, tile width and gate/up variant (each overridable).
     ``form``: the gate/up weights' policy key (``form_key``: "Q4_K", "IQ2_XXS/fast", ...).
     ``deterministic``: choices that do not depend on T or the routing (the prefill path, one
-    width, one gate/up variant), so a token's result does not depend on the batch around it."""
+    width, one gate/up variant), so a token's result does not depend on the batch around it.
+    ``decode_act``: the mat-vec's activations ("auto": MV_ACT; "f32" exact, "q8x2" two-level int8)."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if gate_up not in GATE_UP:
@@ -379,8 +409,11 @@ def plan_layer(num_tokens: int, top_k: int, num_experts: int, form: str, *, tile
         path = "prefill" if path == "auto" else path
         if tile in ("auto", "ds4"):
             tile = min(DETERMINISTIC_WIDTH, tile_max_from_env())
+    if decode_act != "auto" and decode_act not in MV_ACTS:
+        raise ValueError(f"decode_act must be 'auto' or one of {MV_ACTS}, got {decode_act!r}")
+    act = MV_ACT if decode_act == "auto" else decode_act
     if path == "auto":
-        path = "decode" if num_tokens <= DECODE_MAX_TOKENS[form] else "prefill"
+        path = "decode" if num_tokens <= DECODE_MAX_TOKENS[act][form] else "prefill"
     width = choose_tile(tile, num_tokens, top_k, num_experts)
     wide, wide_rows = 0, 0
     if tile == "auto" and num_experts > 1 and width < WIDE and tile_max_from_env() >= WIDE:
@@ -389,4 +422,4 @@ def plan_layer(num_tokens: int, top_k: int, num_experts: int, form: str, *, tile
     wide_gate_up = _gate_up_default(form, WIDE) if gate_up == "auto" else gate_up
     if gate_up == "auto":
         gate_up = _gate_up_default(form, width)
-    return LayerPlan(path, width, gate_up, wide, wide_rows, wide_gate_up, mv_split=not deterministic)
+    return LayerPlan(path, width, gate_up, wide, wide_rows, wide_gate_up, mv_split=not deterministic, mv_act=act)

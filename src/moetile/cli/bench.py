@@ -113,9 +113,9 @@ def run(args) -> int:
         con.print(f"{meta['card']}: copy {ceil.copy_gbs:.0f} GB/s, f16 matmul {ceil.f16_tflops:.0f} TFLOP/s "
                   f"(measured now); torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}")
     rows = []
-    from ..schedule import DECODE_MAX_TOKENS, form_key
+    from ..schedule import decode_max_tokens, form_key
 
-    dec_max = DECODE_MAX_TOKENS[form_key(w.gate)]
+    dec_max = decode_max_tokens(form_key(w.gate))
     variants = [("decode" if t <= dec_max else None) for t in tokens]
     total = len(routings) * sum(1 if v else len(widths) + (base is not None) for v in variants)
     with Progress(console=con, transient=True) as prog:

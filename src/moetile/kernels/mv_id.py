@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .decode import weight_tile
+from .qdot import load_qact, qdot_tile
 
 
 @triton.jit
@@ -28,6 +29,9 @@ def mul_mv_id_kernel(
     out_ptr,  # f32 [P, N]
     part_ptr,  # f32 [S, P, N] partial sums (SPLIT), of gate when FUSE_SWIGLU
     part2_ptr,  # f32 [S, P, N] partial sums of up (SPLIT and FUSE_SWIGLU)
+    qa_ptr,  # QACT: int32 [T or P, K/32, 16] activation words (kernels/act_quant.py)
+    qs_ptr,  # QACT: f32 [T or P, K/32] dx/256
+    qsum_ptr,  # QACT: int32 [T or P, K/16] activation sums
     N,
     K,
     K_CHUNK,  # inputs per program (SPLIT), a multiple of BLOCK_K
@@ -40,6 +44,7 @@ def mul_mv_id_kernel(
     FUSE_SWIGLU: tl.constexpr,
     CLAMP: tl.constexpr,
     SPLIT: tl.constexpr,
+    QACT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -56,23 +61,33 @@ def mul_mv_id_kernel(
         else:
             tl.store(out_ptr + p * N + n, tl.full((BLOCK_N,), float("nan"), tl.float32), mask=n_ok)
         return
-    if RHS_PER_PAIR:
-        rhs_row = rhs_ptr + p * rhs_stride
-    else:
-        rhs_row = rhs_ptr + (p // TOPK) * rhs_stride
+    row = p if RHS_PER_PAIR else p // TOPK  # of rhs (or of its quantized words)
     r = e.to(tl.int64) * N + tl.minimum(n, N - 1)
-    kk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_start, k_end = 0, K
     if SPLIT:
         k_start = tl.program_id(2) * K_CHUNK
         k_end = tl.minimum(k_start + K_CHUNK, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        x = tl.load(rhs_row + k0 + kk).to(tl.float32)[None, :]  # [1, BLOCK_K]
-        acc += weight_tile(w0, w1, w2, tables_ptr, r, k0, K, FORM, False, ASM, BLOCK_N, BLOCK_K) * x
-        if FUSE_SWIGLU:
-            acc2 += weight_tile(u0, u1, u2, tables_ptr, r, k0, K, FORM, False, ASM, BLOCK_N, BLOCK_K) * x
+    if QACT:  # integer products with the two-level int8 activations, per group of 32
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 32), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K // 32), dtype=tl.float32)
+        qa_row = qa_ptr + row * (K // 32) * 16
+        qs_row = qs_ptr + row * (K // 32)
+        qsum_row = qsum_ptr + row * (K // 16)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            words, dxs, sums = load_qact(qa_row, qs_row, qsum_row, k0, BLOCK_K)
+            acc += qdot_tile(w0, w1, w2, tables_ptr, r, k0, K, words, dxs, sums, FORM, ASM, BLOCK_N, BLOCK_K)
+            if FUSE_SWIGLU:
+                acc2 += qdot_tile(u0, u1, u2, tables_ptr, r, k0, K, words, dxs, sums, FORM, ASM, BLOCK_N, BLOCK_K)
+    else:
+        rhs_row = rhs_ptr + row * rhs_stride
+        kk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            x = tl.load(rhs_row + k0 + kk).to(tl.float32)[None, :]  # [1, BLOCK_K]
+            acc += weight_tile(w0, w1, w2, tables_ptr, r, k0, K, FORM, False, ASM, BLOCK_N, BLOCK_K) * x
+            if FUSE_SWIGLU:
+                acc2 += weight_tile(u0, u1, u2, tables_ptr, r, k0, K, FORM, False, ASM, BLOCK_N, BLOCK_K) * x
     y = tl.sum(acc, axis=1)
     if SPLIT:
         c = tl.program_id(2).to(tl.int64)

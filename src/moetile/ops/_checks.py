@@ -96,8 +96,11 @@ def check_ids_in_range(topk_ids: torch.Tensor, E: int) -> None:
 
 
 def ids_int32(topk_ids: torch.Tensor, E: int) -> torch.Tensor:
-    """int32 [P] expert ids with every id outside [0, E) mapped to -1 (its row becomes NaN and
-    nothing is read for it): an int64 id of 2**32 + e must not wrap to expert e. No host sync."""
+    """int32 [P] expert ids, no host sync. int32 ids pass as they are (every kernel reads an id
+    outside [0, E) as bad: a NaN row, nothing read for it); wider ones have every id outside [0, E)
+    mapped to -1 first: an int64 id of 2**32 + e must not wrap to expert e."""
     ids = topk_ids.reshape(-1)
+    if ids.dtype == torch.int32:  # no launches: this sits between the router and the experts
+        return ids.contiguous()
     ok = (ids >= 0) & (ids < E)
     return torch.where(ok, ids, torch.full_like(ids, -1)).to(torch.int32).contiguous()

@@ -14,6 +14,7 @@ from ..quant.pack import PackedTensor, packed
 from ..reference import mul_mm_id_ref, swiglu_ref
 from ._checks import check_clamp, check_ids_in_range, check_inputs, check_out, ids_int32
 from ._launch import form_id, interpreted, kernel_planes, tables_for, use_kernel
+from .act_quant import QAct, act_layout, quantize_act
 
 
 def mul_mv_id(
@@ -26,6 +27,7 @@ def mul_mv_id(
     route_weights: torch.Tensor | None = None,
     clamp: float = 10.0,
     validate: bool = True,
+    activations: str = "f32",
 ) -> torch.Tensor:
     """out f32 [T, k, N] = W[topk_ids[t, s]] @ rhs_row(t, s), with the exact float32 weights.
 
@@ -34,6 +36,8 @@ def mul_mv_id(
     gate+up variant writes mid = silu(min(g, C)) * clamp(u, -C, C) * route_weight, C = ``clamp`` (> 0).
     ``validate`` checks every id is in [0, E) (one host sync); without it a pair with a bad id gets
     a NaN row and nothing is read for it. Shapes, strides, dtypes and devices are always checked.
+    ``activations``: "f32" (exact float32 products) or "q8x2" (rhs quantized per 32 inputs to two
+    int8 levels, ops.act_quant, and integer products: faster; rhs error <= max|x|/32512 per block).
     """
     T, k, E, N, K = check_inputs("mul_mv_id", rhs, w, topk_ids)
     w = packed(w)
@@ -53,6 +57,8 @@ def mul_mv_id(
     elif route_weights is not None:
         raise ValueError("mul_mv_id: route_weights is only used with w_up")
     clamp = check_clamp(clamp)
+    if activations not in schedule.MV_ACTS:
+        raise ValueError(f"mul_mv_id: activations must be one of {schedule.MV_ACTS}, got {activations!r}")
     if validate:
         check_ids_in_range(topk_ids, E)
     if T == 0:
@@ -63,16 +69,21 @@ def mul_mv_id(
             y = swiglu_ref(y, mul_mm_id_ref(rhs, w_up, topk_ids), route_weights.double()[:, :, None], clamp)
         return out.copy_(y)
     rw = route_weights.reshape(-1).to(torch.float32).contiguous() if fused else None
-    launch_mv(rhs, w, ids_int32(topk_ids, E), k, out.view(T * k, N), w_up=w_up, route_weights=rw, clamp=clamp)
+    act = quantize_act(rhs, act_layout(w)) if activations == "q8x2" else None
+    launch_mv(rhs, w, ids_int32(topk_ids, E), k, out.view(T * k, N), w_up=w_up, route_weights=rw, clamp=clamp,
+              act=act)
     return out
 
 
 def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int, out: torch.Tensor, *,
               w_up: PackedTensor | None = None, route_weights: torch.Tensor | None = None,
-              clamp: float = 10.0, config: schedule.MVConfig | None = None, split: bool = True) -> torch.Tensor:
+              clamp: float = 10.0, config: schedule.MVConfig | None = None, split: bool = True,
+              act: QAct | None = None) -> torch.Tensor:
     """Launch over checked inputs: rhs [T, K] or [T, k, K] contiguous, ids int32 [P] (bad ids
     already -1), out f32 [P, N] contiguous, route_weights f32 [P] and SwiGLU ``clamp`` when fused. ``config``
-    overrides schedule.mv_config (A/B runs); ``split=False`` never cuts K (deterministic plans)."""
+    overrides schedule.mv_config (A/B runs); ``split=False`` never cuts K (deterministic plans).
+    ``act``: rhs quantized by ops.act_quant.quantize_act in the layout of w's form (its rows: rhs's):
+    the integer products instead of float32."""
     E, N, K = w.shape
     P = ids.numel()
     if P == 0:
@@ -80,11 +91,18 @@ def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int,
     per_pair = rhs.dim() == 3
     rhs2 = rhs.reshape(-1, K)
     fused = w_up is not None
-    planes = kernel_planes(w)
+    if act is not None and (act.layout != act_layout(w) or act.rows != rhs2.shape[0]
+                            or act.words.shape[1] * 32 != K):
+        raise ValueError(f"launch_mv: activations of layout {act.layout}, {act.rows} rows do not fit "
+                         f"{w.qtype}/{w.form} and rhs {tuple(rhs.shape)}")
+    planes = _planes(w, act)
     table = tables_for(w, w.device)
-    cfg = config or schedule.mv_config(interpreted())
+    cfg = config or schedule.mv_config(interpreted(), "f32" if act is None else "q8x2")
     if cfg.asm and cfg.block_n < 16:
         raise ValueError(f"mat-vec with PTX decoders needs block_n >= 16 (8 computed wrong values), got {cfg}")
+    if cfg.block_k % 32 or K % cfg.block_k or (act is None and cfg.block_k > 256 and w.qtype != "Q8_0"):
+        raise ValueError(f"mat-vec K step {cfg.block_k} must be a multiple of 32 dividing K = {K}, and with "
+                         f"float32 activations at most 256 (one scale block) for {w.qtype}")
     split = schedule.mv_split(N, P, K, cfg, allowed=split)
     grid = (-(-N // cfg.block_n), P, split)
     part = part2 = out
@@ -93,7 +111,7 @@ def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int,
         part2 = torch.empty_like(part) if fused else part
     mul_mv_id_kernel[grid](
         *planes,
-        *(kernel_planes(w_up) if fused else planes),
+        *(_planes(w_up, act) if fused else planes),
         table if table is not None else planes[0],
         rhs2,
         ids,
@@ -101,6 +119,7 @@ def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int,
         out,
         part,
         part2,
+        *((act.words, act.scales, act.sums) if act is not None else (out, out, out)),
         N,
         K,
         -(-K // split),
@@ -113,6 +132,7 @@ def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int,
         FUSE_SWIGLU=fused,
         CLAMP=float(clamp),
         SPLIT=split > 1,
+        QACT=act is not None,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps,
@@ -122,3 +142,11 @@ def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int,
         mv_reduce_kernel[(P, -(-N // block))](part, part2, route_weights if fused else out, out, P, N, split,
                                               FUSE_SWIGLU=fused, CLAMP=float(clamp), BLOCK=block)
     return out
+
+
+def _planes(w: PackedTensor, act: QAct | None) -> tuple[torch.Tensor, ...]:
+    """kernel_planes(w); the integer decoder reads Q2_K's codes as int32 words of 16."""
+    planes = kernel_planes(w)
+    if act is not None and w.qtype == "Q2_K":
+        planes = (planes[0].view(torch.int32),) + planes[1:]
+    return planes

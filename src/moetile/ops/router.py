@@ -69,6 +69,6 @@ def route(
     route_select_kernel[(-(-T // select_t),)](
         part, b, tok, table, ids, wts, T, E, V, S, float(scale), TOPK=k, HAS_BIAS=bias is not None and not hashed,
         HASH=hashed, BLOCK_T=select_t, BLOCK_E=block_e, BLOCK_K=max(2, 1 << (k - 1).bit_length()),
-        num_warps=4,
+        num_warps=cfg.select_warps,
     )
     return ids, wts
