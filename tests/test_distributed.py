@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import assert_rows_close, use_row_invariant_dot
 
+from moetile import schedule
 from moetile.distributed import EPMoE, ShardedMoE, _decode_max, _wire_dtype, check_agreement, ep_moe_forward, shard
 from moetile.moe import MoEWeights, moe_forward
 from moetile.ops.router import route
@@ -181,7 +182,8 @@ def test_rows_travel_as_f16_only_to_prefill_plans():
     _decode_max): f16 only when every receiving rank's plan reads f16 rows."""
     big, small = 5000, 1  # pairs: far above and below the mat-vec's limit
     q4 = _decode_max("auto", False, "Q4_K")
-    assert q4 == 8 and _decode_max("auto", True, "Q4_K") == -1 and _decode_max("prefill", False, "Q4_K") == -1
+    assert q4 == schedule.decode_max_tokens("Q4_K") and _decode_max("auto", True, "Q4_K") == -1
+    assert _decode_max("prefill", False, "Q4_K") == -1
     assert _decode_max("decode", True, "Q4_K") > big
     assert _wire_dtype([[big, big, q4], [big, big, q4]]) == torch.float16
     assert _wire_dtype([[big, small, q4], [big, 0, q4]]) == torch.float32  # rank 1 gets 1 row
@@ -190,11 +192,13 @@ def test_rows_travel_as_f16_only_to_prefill_plans():
     assert _wire_dtype([[big, big, q4], [small, big, q4]]) == torch.float32  # rank 0 gets 1 row
     assert _wire_dtype([[small, small, -1], [small, small, -1]]) == torch.float16  # forced prefill
     assert _wire_dtype([[big, big, q4], [big, big, 1 << 62]]) == torch.float32  # rank 1 forced decode
-    # ranks of other forms: each receiver's own limit decides (IQ2_XXS fast 12, compact 8)
+    # ranks of other forms: each receiver's own limit decides (q8x2: IQ2_XXS fast 64, compact 96)
     fast, compact = _decode_max("auto", False, "IQ2_XXS/fast"), _decode_max("auto", False, "IQ2_XXS/compact")
-    assert fast > compact
-    assert _wire_dtype([[0, 10, fast], [big, 0, compact]]) == torch.float16  # rank 1 (compact) gets 10 > 8
-    assert _wire_dtype([[0, big, fast], [10, 0, compact]]) == torch.float32  # rank 0 (fast) gets 10 <= 12
+    lo, hi = sorted((fast, compact))
+    assert lo < hi
+    n = lo + 1  # above one limit, within the other
+    assert _wire_dtype([[0, n, lo], [big, 0, hi]]) == torch.float32  # rank 1 (hi) decodes its n rows
+    assert _wire_dtype([[0, big, lo], [n, 0, hi]]) == torch.float16  # rank 0 (lo) runs prefill on n
 
 
 # ----------------------------------------------------------------------------- two GPUs, NCCL, DS4 shapes
