@@ -257,10 +257,14 @@ def _moe_forward(x, weights, token_ids, topk_ids, topk_weights, include_shared, 
 
 def _shared_act(x, weights: MoEWeights, topk_ids, include_shared: bool, plan_kw: dict):
     """x quantized once for both the routed and the shared expert's mat-vec when both plan the
-    q8x2 decode path in the same activation layout (q2: IQ2_XXS and Q8_0), else None. Made before
-    the shared expert forks onto its side stream, so both streams may read it."""
+    q8x2 decode path in the same activation layout (q2: IQ2_XXS and Q8_0), else None: in eager calls
+    only (one launch fewer). In a graph capture the shared expert runs on a side stream, and
+    quantizing before the fork let it start ahead of the router and slow it (q2 T=1 step: 81.5 ->
+    94.1 us of GPU span on the H100, BENCHMARKS.md §12), so each stream quantizes its own there."""
     T = x.shape[0]
     if not (T and include_shared and weights.has_shared and use_kernel(x.device, "moe_forward")):
+        return None
+    if x.is_cuda and schedule.SHARED_ON_SIDE_STREAM and torch.cuda.is_current_stream_capturing():
         return None
     w = weights.packed()
     k = weights.top_k if topk_ids is None else topk_ids.shape[1]
