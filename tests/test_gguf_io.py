@@ -644,7 +644,8 @@ def test_unsupported_quant_type(tmp_path):
     w.write_tensors_to_file()
     w.close()
     f = open_gguf(path)
-    assert f.layers() == [0]
+    with pytest.raises(GGUFError, match=r"layer 0 holds \['blk\.0\.ffn_gate_exps'\] but no"):
+        f.layers()
     with pytest.raises(ValueError, match=r"Q5_K.*not support"):
         f.quant_tensor("blk.0.ffn_gate_exps.weight")
     with pytest.raises(ValueError, match="Q5_K"):
@@ -688,3 +689,81 @@ def test_layer_tensors_validate_on_construction(gen):
         MoELayerTensors(good.gate, good.up, good.down, good.router, tid2eid=torch.zeros(V, KSEL))
     with pytest.raises(TypeError, match="gate must be a QuantTensor"):
         MoELayerTensors(good.gate.data, good.up, good.down, good.router)
+
+
+# ----------------------------------------------------------------------------- structure (fuzzing finds)
+
+
+def test_bytes_after_the_last_tensor(tmp_path, gen):
+    blob, _, _ = _valid_file(tmp_path, gen)
+    _load_fails(tmp_path, blob + bytes(64), r"64 bytes after the end of the last tensor")
+    last = GGUFReader(tmp_path / "full.gguf").tensors[-1]
+    assert last.tensor_type == GGMLQuantizationType.F32 and last.n_bytes >= 64  # halved, it leaves >= 32 bytes
+    bad = _put(blob, _tensor_info(blob, last.name)["type"], int(GGMLQuantizationType.F16), 4)
+    _load_fails(tmp_path, bad, rf"bytes after the end of the last tensor, '{last.name}'")
+    path = tmp_path / "empty.gguf"  # no tensors, and bytes where none can be
+    write_gguf(path, {}, {"general.architecture": "deepseek4"})
+    path.write_bytes(path.read_bytes() + bytes(range(200)))
+    with pytest.raises(GGUFError, match=r"bytes after the end of the header \(no tensors\)"):
+        open_gguf(path)
+
+
+def test_layer_missing_one_expert_stack_is_named(tmp_path, gen):
+    path = tmp_path / "two.gguf"
+    write_moe_layers(path, {0: make_layer(gen), 1: make_layer(gen)})
+    blob = path.read_bytes()
+    at = blob.index(b"blk.1.ffn_gate_exps") + 9  # blk.1.ffn_gate -> blk.1.ffn_^ate: the gate drops out
+    path.write_bytes(blob[:at] + b"^" + blob[at + 1 :])
+    with pytest.raises(GGUFError, match=r"layer 1 holds \['blk\.1\.ffn_down_exps', 'blk\.1\.ffn_up_exps'\] but no "
+                                        r"\['blk\.1\.ffn_gate_exps\.weight'\]"):
+        open_gguf(path).layers()
+
+
+@pytest.mark.parametrize("index", ["00", "\u0661", "1\n"])
+def test_layer_index_that_is_not_plain_decimal(tmp_path, gen, index):
+    path = tmp_path / "odd.gguf"
+    write_gguf(path, make_layer(gen, shared=False).to_tensors(f"blk.{index}"))
+    with pytest.raises(GGUFError, match="is not a plain decimal number"):
+        open_gguf(path).layers()
+
+
+def test_hash_table_shorter_than_the_vocabulary(tmp_path, gen):
+    path = tmp_path / "h.gguf"
+    layer, cfg = make_layer(gen, hash_layer=True), ds4_config(vocab_size=V + 10)
+    match = rf"vocab_size = {V + 10} but the hash table tid2eid has V = {V} rows"
+    with pytest.raises(ValueError, match=match):  # the writer refuses it
+        write_moe_layers(path, {0: layer}, cfg)
+    write_gguf(path, layer.to_tensors(0), cfg.to_metadata())  # and so does the reader
+    with pytest.raises(ValueError, match=match):
+        open_gguf(path).moe_layer(0)
+
+
+def test_architecture_that_is_not_a_string(tmp_path, gen):
+    path = tmp_path / "a.gguf"
+    w = GGUFWriter(path, "deepseek4")
+    w.add_array("general.architecture", [1, 2])  # replaces the string the writer was given
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    f = open_gguf(path)
+    with pytest.raises(GGUFError, match=r"'general\.architecture' is \[1, 2\], not a string"):
+        f.moe_config()
+
+
+def test_nested_metadata_arrays_and_big_endian_are_refused(tmp_path):
+    path = tmp_path / "n.gguf"
+    w = GGUFWriter(path, "deepseek4")
+    w.add_array("x.nested", [[1, 2], [3]])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match=r"metadata 'x\.nested' is an array of arrays"):
+        open_gguf(path)
+    path = tmp_path / "be.gguf"
+    write_gguf(path, {"x": torch.ones(8)})
+    blob = path.read_bytes()
+    path.write_bytes(blob[:4] + blob[4:8][::-1] + blob[8:])
+    with pytest.raises(GGUFError, match="big-endian GGUF"):
+        open_gguf(path)

@@ -16,11 +16,18 @@ from moetile.benchmark import time_ms
 from moetile.ops.router import route
 from moetile.reference_routing import route_ref
 
-TOKENS = (1, 8, 128, 2048, 8192)
-# (block_t, block_e, block_k, warps, stages, h_chunk, select_t, select_warps): the logits shape of the
-# policy with select kernels of several tokens per program and warps (the first row: the policy before)
-LOGITS = (64, 64, 32, 4, 3, 512)
-SHAPES = [LOGITS + sel for sel in ((16, 4), (1, 1), (2, 1), (4, 1), (4, 2), (8, 2), (16, 2), (8, 4))]
+TOKENS = (1, 2, 8, 128, 2048, 8192)
+# (block_t, block_e, block_k, warps, stages, h_chunk, select_t, select_warps): logits shapes with the
+# policy's select kernel; the first row is the policy. "= policy": the same ids and weight bits as the
+# policy's shape for all 8192 tokens (a shape that differs from it only in its tile could then serve
+# small T without costing batch invariance); else how many of the 8192*k weights differ.
+SELECT = (1, 1)
+LOGITS = [(64, 64, 32, 4, 3, 512), (64, 16, 32, 4, 3, 512), (64, 32, 32, 4, 3, 512), (64, 128, 32, 8, 3, 512),
+          (64, 256, 32, 8, 3, 512), (128, 64, 32, 8, 3, 512), (16, 64, 32, 4, 3, 512), (16, 16, 32, 4, 3, 512),
+          (16, 16, 32, 1, 3, 512), (64, 64, 32, 4, 2, 512), (64, 64, 32, 4, 4, 512), (64, 64, 16, 4, 3, 512),
+          (64, 64, 64, 4, 3, 512), (64, 32, 32, 4, 3, 256), (64, 64, 32, 4, 3, 256), (64, 16, 32, 4, 3, 256),
+          (64, 64, 32, 4, 3, 1024)]
+SHAPES = [lg + SELECT for lg in LOGITS]
 
 
 def replay_ms(fn) -> float:
@@ -45,10 +52,10 @@ def main():
     pool = torch.randn(8192, H, device=dev, generator=g)
     ids_ref, _ = route_ref(pool[:512], w, bias=bias, k=k)
     head = "route, ms (CUDA graph replay, median of 100)".ljust(40)
-    print(head + " ".join(f"T={T:>6}" for T in TOKENS) + "  bits  ids=ref")
+    print(head + " ".join(f"T={T:>6}" for T in TOKENS) + "  bits  ids=ref  = policy")
     base = [replay_ms(lambda x=pool[:T]: routing.route(x, w, bias=bias, k=k)) for T in TOKENS]
     print("routing.route (cuBLAS + torch)".ljust(40) + " ".join(f"{b:8.4f}" for b in base))
-    first = None
+    policy = None
     for shape in SHAPES:
         schedule._ROUTER_SHAPE = shape
         ids, wts = route(pool, w, bias=bias, k=k)
@@ -56,11 +63,12 @@ def main():
             all(torch.equal(a, b[i]) for a, b in zip(route(pool[i], w, bias=bias, k=k), (ids, wts), strict=True))
             for i in (torch.randperm(8192, device=dev, generator=g)[:n] for n in (1, 5, 37, 999)))
         agree = (ids[:512].cpu() == ids_ref.cpu()).all(1).float().mean().item()
-        first = first or (ids, wts)
-        same = same and torch.equal(ids, first[0]) and torch.equal(wts, first[1])  # and as the first shape's
+        policy = policy or (ids, wts)
+        eq = torch.equal(ids, policy[0]) and torch.equal(wts, policy[1])
+        vs = "same" if eq else f"{int((wts != policy[1]).sum())} w differ"
         ts = [replay_ms(lambda x=pool[:T]: route(x, w, bias=bias, k=k)) for T in TOKENS]
         print(str(shape).ljust(40) + " ".join(f"{t:8.4f}" for t in ts) + f"  {'same' if same else 'DIFFER'}"
-              f"  {agree:.4f}")
+              f"  {agree:.4f}  {vs}", flush=True)
     print(f"card {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
 
 

@@ -87,7 +87,8 @@ _LAYER_NAMES = {
     "ffn_norm": "ffn_norm.weight",
 }
 _SHARED = ("shared_gate", "shared_up", "shared_down")
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.ffn_gate_exps\.weight$")
+_EXPS_RE = re.compile(r"blk\.([^.]*)\.ffn_(gate|up|down)_exps\.weight", re.S)  # fullmatch
+_INDEX_RE = re.compile(r"0|[1-9][0-9]*")  # fullmatch: ASCII digits, no leading zero
 
 
 class GGUFError(ValueError):
@@ -140,7 +141,7 @@ def _scan_header(path: Path, size: int) -> int:
             except UnicodeDecodeError as exc:
                 raise fail(f"{what} is not UTF-8 ({exc.reason} at its byte {exc.start})", at) from None
 
-        def value(vtype: int, what: str, depth: int = 0) -> None:
+        def value(vtype: int, what: str) -> None:
             nonlocal off
             if vtype in _VALUE_BYTES:
                 if off + _VALUE_BYTES[vtype] > size:
@@ -148,11 +149,13 @@ def _scan_header(path: Path, size: int) -> int:
                 off += _VALUE_BYTES[vtype]
             elif vtype == _STRING:
                 text(what)
-            elif vtype == _ARRAY and depth < 4:  # nested arrays are legal; bound the recursion
+            elif vtype == _ARRAY:
                 at = off
                 etype = u("I", f"element type of {what}")
                 count = u("Q", f"length of {what}")
-                smallest = 8 if etype in (_STRING, _ARRAY) else _VALUE_BYTES.get(etype)
+                if etype == _ARRAY:  # gguf's reader flattens them, llama.cpp refuses them: never silently
+                    raise fail(f"{what} is an array of arrays, which moetile does not read", at)
+                smallest = 8 if etype == _STRING else _VALUE_BYTES.get(etype)
                 if smallest is None:
                     raise fail(f"{what} has unknown element type {etype}", at)
                 if count > (size - off) // smallest:
@@ -161,7 +164,7 @@ def _scan_header(path: Path, size: int) -> int:
                     off += count * smallest
                 else:
                     for i in range(count):
-                        value(etype, f"{what}[{i}]", depth + 1)
+                        text(f"{what}[{i}]")
             else:
                 raise fail(f"{what} has unknown value type {vtype}", off - 4)
 
@@ -169,6 +172,8 @@ def _scan_header(path: Path, size: int) -> int:
             raise fail(f"magic {bytes(mm[:4])!r}, expected {_MAGIC!r}", 0)
         off = 4
         version = u("I", "version")
+        if version in (2 << 24, 3 << 24):
+            raise fail("big-endian GGUF (version bytes swapped); moetile reads little-endian files", 4)
         if version not in (2, 3):
             raise fail(f"version {version}; moetile reads GGUF versions 2 and 3", 4)
         n_tensors = u("Q", "tensor count")
@@ -403,6 +408,10 @@ class MoELayerTensors:
         for key, want, got, what in checks:
             if want is not None and want != got:
                 raise ValueError(f"{where}: {config.arch}.{key} = {want} but the tensors have {what} = {got}")
+        V = None if self.tid2eid is None else self.tid2eid.shape[0]
+        if V is not None and config.vocab_size is not None and V < config.vocab_size:  # the kernels clamp a token
+            raise ValueError(f"{where}: {config.arch}.vocab_size = {config.vocab_size} but the hash table "
+                             f"tid2eid has V = {V} rows (tokens >= {V} would all take row {V - 1})")
 
     def to_tensors(self, layer: int | str) -> dict[str, QuantTensor | torch.Tensor]:
         """GGUF name -> tensor for the fields that are set."""
@@ -523,6 +532,14 @@ class GGUFFile:
                     f"[{start + nbytes}, {min(expected, self.file_size)})) is not zeros; its type or dims "
                     f"({t.tensor_type.name} {dims}) describe fewer bytes than were written"
                 )
+        # the file ends with the last tensor's data or its padding: more bytes mean that tensor, or the
+        # tensor count, describes less than was written
+        if self.file_size > expected:
+            last = f"the last tensor, {r.tensors[-1].name!r}" if len(r.tensors) else "the header (no tensors)"
+            raise GGUFError(
+                f"{self.path}: corrupt GGUF file: {self.file_size - expected} bytes after the end of {last} "
+                f"(byte {expected}); a tensor's type or dims, or the tensor count, is wrong"
+            )
 
     @property
     def _r(self) -> GGUFReader:
@@ -570,7 +587,11 @@ class GGUFFile:
 
     @property
     def arch(self) -> str | None:
-        return self.get_metadata("general.architecture")
+        """general.architecture, or None when the file has none (then no config is checked)."""
+        a = self.get_metadata("general.architecture")
+        if a is not None and not isinstance(a, str):
+            raise GGUFError(f"{self.path}: metadata 'general.architecture' is {a!r}, not a string")
+        return a
 
     def moe_config(self) -> MoEConfig:
         """MoE hyper-parameters from the ``{general.architecture}.*`` keys."""
@@ -606,8 +627,23 @@ class GGUFFile:
         return list(self._tensors)
 
     def layers(self) -> list[int]:
-        """Sorted layer indices L that have ``blk.L.ffn_gate_exps.weight``."""
-        return sorted(int(m.group(1)) for n in self._tensors if (m := _LAYER_RE.match(n)))
+        """Sorted layer indices L that have ``blk.L.ffn_gate_exps.weight``; every layer holding one of
+        the gate/up/down expert stacks must hold all three, under a plain decimal L (a damaged name
+        would otherwise drop its layer without a word)."""
+        found: dict[int, set[str]] = {}
+        for n in self._tensors:
+            m = _EXPS_RE.fullmatch(n)
+            if m is None:
+                continue
+            if not _INDEX_RE.fullmatch(m.group(1)):
+                raise GGUFError(f"{self.path}: tensor {n!r}: layer index {m.group(1)!r} is not a plain decimal number")
+            found.setdefault(int(m.group(1)), set()).add(m.group(2))
+        for layer, parts in sorted(found.items()):
+            if len(parts) < 3:
+                held = sorted(f"blk.{layer}.ffn_{p}_exps" for p in parts)
+                missing = [f"blk.{layer}.ffn_{p}_exps.weight" for p in ("gate", "up", "down") if p not in parts]
+                raise GGUFError(f"{self.path}: layer {layer} holds {held} but no {missing}")
+        return sorted(found)
 
     def tensor_type(self, name: str) -> str:
         """GGML type name of ``name``, e.g. "Q4_K", "F16"."""

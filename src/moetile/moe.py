@@ -206,12 +206,11 @@ def _moe_forward(x, weights, token_ids, topk_ids, topk_weights, include_shared, 
     T = x.shape[0]
     det = schedule.resolve_deterministic(deterministic)
     plan_kw = dict(tile=tile, path=path, gate_up=gate_up, deterministic=det, decode_act=decode_act)
-    shared, side = None, None
-    qx = _shared_act(x, weights, topk_ids, include_shared, plan_kw)
+    shared, side, qx = None, None, None
     if include_shared and weights.has_shared and T and x.is_cuda and stage_hook is None:
         side = _side_stream(x.device)  # made in the eager warm-up call, before any capture
         if schedule.SHARED_ON_SIDE_STREAM and torch.cuda.is_current_stream_capturing():
-            shared = _shared_on_side_stream(x, weights.packed(), plan_kw, side, qx)
+            shared = _shared_on_side_stream(x, weights.packed(), plan_kw, side)
         else:
             side = None
     try:
@@ -242,6 +241,7 @@ def _moe_forward(x, weights, token_ids, topk_ids, topk_weights, include_shared, 
             return out
         weights = weights.packed()  # a no-op for packed weights; QuantTensors pack once (cached)
         plan = schedule.plan_layer(T, k, E, schedule.form_key(weights.gate), **plan_kw)
+        qx = _shared_act(x, weights, topk_ids, include_shared, plan_kw)
         y = _routed(x, weights.gate, weights.up, weights.down, topk_ids, topk_weights, plan, weights.clamp, hook,
                     act_x=qx)
     finally:
@@ -286,7 +286,7 @@ def _side_stream(dev: torch.device) -> torch.cuda.Stream:
     return side
 
 
-def _shared_on_side_stream(x, weights: MoEWeights, plan_kw: dict, side: torch.cuda.Stream, act_x=None) -> torch.Tensor:
+def _shared_on_side_stream(x, weights: MoEWeights, plan_kw: dict, side: torch.cuda.Stream) -> torch.Tensor:
     """Start the shared expert of x on the stream ``side`` of x's GPU (it needs nothing but x, so it
     runs beside the router and the routed experts); its f32 [T, H] output, which the caller's stream
     must wait for (``wait_stream(side)``) before reading it. The output is allocated on the
@@ -297,7 +297,7 @@ def _shared_on_side_stream(x, weights: MoEWeights, plan_kw: dict, side: torch.cu
     out = _buffer((x.shape[0], weights.dims[1]), torch.float32, dev)
     side.wait_stream(main)
     with torch.cuda.device(dev), torch.cuda.stream(side):
-        _shared(x, weights, plan_kw, out=out, act_x=act_x)
+        _shared(x, weights, plan_kw, out=out)
     return out
 
 
@@ -313,19 +313,23 @@ def _shared(x, weights: MoEWeights, plan_kw: dict, out: torch.Tensor | None = No
                    act_x=act_x).view(T, -1)
 
 
-_EXPERT0: dict = {}  # device -> (zeros int32 [n, 1], ones f32 [n, 1]), grown on demand
+_EXPERT0: dict = {}  # device -> [(zeros int32 [n, 1], ones f32 [n, 1]), ...], every size made, largest last
 
 
 def _expert0_weight1(T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids int32 [T, 1] all 0, weights f32 [T, 1] all 1) of the shared expert, views of buffers
-    made once per device (a decode step is host-bound: two launches fewer). Never written to."""
-    ids, w = _EXPERT0.get(device, (None, None))
-    if ids is None or ids.shape[0] < T:
-        n = max(T, 64)
-        ids = torch.zeros((n, 1), dtype=torch.int32, device=device)
-        w = torch.ones((n, 1), dtype=torch.float32, device=device)
-        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():  # else the capture's own
-            _EXPERT0[device] = (ids, w)
+    made once per device (a decode step is host-bound: two launches fewer). Never written to, and
+    never freed: a CUDA graph captured with a view reads its memory at every replay, so a larger
+    buffer for a longer batch joins the list instead of replacing the smaller one."""
+    made = _EXPERT0.setdefault(device, [])
+    if made and made[-1][0].shape[0] >= T:
+        ids, w = made[-1]
+        return ids[:T], w[:T]
+    n = max(T, 2 * made[-1][0].shape[0] if made else 64)
+    ids = torch.zeros((n, 1), dtype=torch.int32, device=device)
+    w = torch.ones((n, 1), dtype=torch.float32, device=device)
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():  # else the capture's own
+        made.append((ids, w))
     return ids[:T], w[:T]
 
 

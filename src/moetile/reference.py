@@ -90,9 +90,15 @@ def ds4_moe_ref(
     for s in range(1, k):
         out += y[:, s]
     if include_shared and weights.shared_gate is not None:
-        out += _expert_ref(xs, weights.shared_gate, weights.shared_up, weights.shared_down,
-                           torch.ones(T, dtype=torch.float64, device=x.device), round_f16, weights.clamp)
+        out += shared_ref(x, weights, round_f16)
     return out
+
+
+def shared_ref(x: torch.Tensor, weights, round_f16: bool = False) -> torch.Tensor:
+    """float64 [T, H]: the shared expert of every token (weight 1); ``round_f16`` as in ds4_moe_ref."""
+    xs = x.to(torch.float16).double() if round_f16 else x.double()
+    return _expert_ref(xs, weights.shared_gate, weights.shared_up, weights.shared_down,
+                       torch.ones(x.shape[0], dtype=torch.float64, device=x.device), round_f16, weights.clamp)
 
 
 def _expert_ref(x, gate, up, down, w, round_f16, clamp):
@@ -143,6 +149,9 @@ def act_quant_ref(x: torch.Tensor, layout: int):
     xs = xb[:, :, src]  # [R, B, 16, 4]
     amax = xb.abs().amax(-1)
     has_nan = torch.isnan(xb).any(-1)
+    up = torch.where(amax < 2.0**-100, 2.0**100, 1.0)  # 127/amax would overflow: scale up (exact)
+    xs = xs * up[..., None, None]
+    amax = amax * up
     dx = amax / 127.0
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
 
@@ -158,7 +167,7 @@ def act_quant_ref(x: torch.Tensor, layout: int):
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     a = torch.where(lev.bool(), q, q * 256)  # [R, B, 16, 4]
     sums = a.reshape(R, K // 32, 2, 32).sum(-1).reshape(R, K // 16).to(torch.int32)
-    scales = torch.where(has_nan, torch.full_like(dx, float("nan")), dx / 256.0)
+    scales = torch.where(has_nan, torch.full_like(dx, float("nan")), dx / 256.0 / up)
     return words, scales, sums
 
 

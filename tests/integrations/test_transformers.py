@@ -306,6 +306,13 @@ def test_gguf_mismatches_name_the_layer_and_tensor(tmp_path):
                                          r"but model\.layers\.0\.mlp\.gate\.tid2eid is \(128, 2\)"):
         mt.load_gguf_experts(ds4, _file(tmp_path, tid2eid=table, metadata={"deepseek4.swiglu_clamp_exp": 10.0}),
                              include_router=True)
+    # the router's k is checked without include_router too: experts loaded under another k are wrong
+    for include_router in (False, True):
+        with pytest.raises(ValueError, match=r"layer 0: the file's deepseek4\.expert_used_count = 3 but the "
+                                             r"model's router uses 2"):
+            mt.load_gguf_experts(ds4, _file(tmp_path, metadata={"deepseek4.swiglu_clamp_exp": 10.0,
+                                                                "deepseek4.expert_used_count": 3}),
+                                 include_router=include_router)
     # nothing was changed by the failed loads
     assert all(e.gate_up_proj.numel() for e in experts_of(model) + experts_of(ds4))
     assert model.config._experts_implementation != "moetile"
@@ -341,6 +348,36 @@ def test_unsupported_gates_and_layouts_are_refused():
         mt.quantize_experts(oss)
     with pytest.raises(ValueError, match=r"unknown qtype 'q3_K'"):
         mt.quantize_experts(make_model("mixtral"), "q3_K")
+
+
+def test_float_weights_set_after_quantizing_are_not_ignored():
+    """New float experts assigned after quantize_experts would be ignored by the packed blocks: refused."""
+    model = make_model("mixtral")
+    e = experts_of(model)[0]
+    shapes = e.gate_up_proj.shape, e.down_proj.shape
+    mt.quantize_experts(model, "q8_0")
+    with torch.no_grad():
+        model(tokens(4))
+    for x in experts_of(model):  # a fine-tuned checkpoint's experts, say
+        x.gate_up_proj = torch.nn.Parameter(torch.randn(shapes[0]) * 0.02)
+        x.down_proj = torch.nn.Parameter(torch.randn(shapes[1]) * 0.02)
+    with pytest.raises(RuntimeError, match=r"float expert weights were set again .* quantize_experts\(model\) again"):
+        with torch.no_grad():
+            model(tokens(4))
+    mt.quantize_experts(model, "q8_0")  # which takes the new ones
+    with torch.no_grad():
+        assert model(tokens(4)).logits.isfinite().all()
+
+
+def test_meta_experts_and_gradients_are_named():
+    with torch.device("meta"):
+        meta = make_model("mixtral")
+    with pytest.raises(ValueError, match=r"on the meta device \(nothing to quantize\)"):
+        mt.quantize_experts(meta)
+    model = make_model("mixtral")
+    mt.quantize_experts(model, "q8_0")
+    with pytest.warns(UserWarning, match="inference only"):
+        model(tokens(4))  # grad enabled and the parameters require it
 
 
 def test_backend_without_moetile_weights_says_what_to_do():
@@ -390,13 +427,17 @@ def test_moving_the_model_frees_the_old_blocks():
     old = weakref.ref(e.moetile_gate_codes)
     model.to(torch.float32)  # a no-op for the packed integer buffers
     assert old() is e.moetile_gate_codes
+    keep = {n: t.clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
     model.to("meta")
     gc.collect()
     assert old() is None, "the old packed blocks are still held"
     model.to_empty(device="cpu")  # fresh buffers (garbage): the cache must not hand back the old weights
     w = mt._weights(e)
     assert w.gate.planes["codes"].data_ptr() == e.moetile_gate_codes.data_ptr()
-    assert want.isfinite().all()
+    with torch.no_grad():
+        for n, t in [*model.named_parameters(), *model.named_buffers()]:
+            t.copy_(keep[n])  # the same values in the new tensors: the forward reads them
+        assert torch.equal(model(ids).logits, want)
 
 
 def test_two_modules_for_one_gguf_block_are_refused(tmp_path):

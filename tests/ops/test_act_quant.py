@@ -25,6 +25,8 @@ def test_matches_twin_and_x(layout, dtype, device):
     x = _x(R, K, dtype=dtype)
     x[1, 64:96] = 0  # an all-zero block: dx = 0, every word 0
     x[2, :32] = 1e-30  # tiny, not zero
+    sign = torch.randint(0, 2, (32,), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    x[3, 32:64] = (1 + torch.arange(32) / 16) * 1e-37 * sign  # 127/max|x| would overflow float32
     q = quantize_act(x.to(device), layout)
     assert q.words.shape == (R, K // 32, 16) and q.scales.shape == (R, K // 32) and q.sums.shape == (R, K // 16)
     words, scales, sums = act_quant_ref(x, layout)
@@ -34,8 +36,10 @@ def test_matches_twin_and_x(layout, dtype, device):
     xh = act_dequant_ref(q.words.cpu(), q.scales.cpu(), layout)
     amax = x.float().abs().reshape(R, -1, 32).amax(-1, keepdim=True)
     err = (xh - x.double()).abs().reshape(R, -1, 32)
-    # dx/256, and 2% for the GPU's approximate float32 division (2 ulp in 127/amax moves r/dx by ~3e-5*127)
-    assert (err <= amax.double() / 127 / 256 * 1.02).all(), float((err / amax.clamp_min(1e-38)).max() * 127 * 256)
+    # dx/256, and 2% for the GPU's approximate float32 division (2 ulp in 127/amax moves r/dx by ~3e-5*127);
+    # where dx/256 is a float32 denormal, its rounding (half of 2^-149) times the largest code, 32639
+    bound = amax.double() / 127 / 256 * 1.02 + 32639 * 2.0**-150
+    assert (err <= bound).all(), float((err / bound).max())
     assert (err.amax(-1) > 0).any()  # a quantizer, not a copy: the bound above is not vacuous
     assert (q.words.cpu()[1, 2] == 0).all() and q.scales.cpu()[1, 2] == 0
     # the sums are those of the words: sum over each 16 inputs of 256*qh + ql

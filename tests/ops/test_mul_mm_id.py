@@ -211,6 +211,17 @@ def test_width_mismatch_is_refused(device):
                          config=cfg)
 
 
+def test_iq2_fast_k_step_of_32_is_refused(device):
+    w = pack(random_blocks("IQ2_XXS", (E, N, K), generator=torch.Generator().manual_seed(1)), "fast").to(device)
+    ids = torch.zeros(4, 1, dtype=torch.int32, device=device)
+    emap = schedule.build_expert_map(ids, E)
+    tiles = schedule.build_tiles(emap, 16)
+    cfg = schedule.MMConfig(block_m=16, block_n=64, block_k=32, num_warps=4, num_stages=2, asm=False)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        mul_mm_id_mapped(torch.randn(4, K, device=device), w, emap, tiles, out=torch.empty(4, N, device=device),
+                         config=cfg)
+
+
 @pytest.mark.parametrize(
     "make, err, match",
     [

@@ -195,3 +195,15 @@ def test_q8x2_k_step_across_scale_blocks(qtype, form, bk, device):
     out = torch.full((4, 64), float("nan"), device=device)
     launch_mv(x, w, ids.reshape(-1), 2, out, act=act, config=schedule.MVConfig(16, bk, 2, asm=device == "cuda"))
     assert_rows_close(out.view(2, 2, 64).cpu(), mul_mm_id_ref(_seen(x, w, "q8x2"), w, ids).cpu(), BOUND, f"bk={bk}")
+
+
+def test_iq2_fast_k_step_of_32_is_refused(device):
+    """IQ2_XXS fast keeps two 32-groups' scales in one byte: a K step of 32 would read the wrong half."""
+    from moetile.ops.mul_mv_id import launch_mv
+
+    w = pack(random_blocks("IQ2_XXS", (2, 16, 256), generator=torch.Generator().manual_seed(1)), "fast").to(device)
+    x = torch.randn(1, 256).to(device)
+    out = torch.full((1, 16), float("nan"), device=device)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        launch_mv(x, w, torch.zeros(1, dtype=torch.int32, device=device), 1, out,
+                  config=schedule.MVConfig(16, 32, 2, asm=False))

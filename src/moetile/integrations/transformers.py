@@ -32,7 +32,11 @@ it is the same function; a pre-activation that is already +-inf comes out as +-3
 Any other gate, experts with biases, without a gate projection, with a post-expert norm, or
 expert-parallel are refused with an error naming the module.
 
-Inference only: no gradient flows through the experts.
+Range: where the layer takes moetile's prefill kernels (more tokens than the decode limit), x and the
+gated intermediate are f16 operands, so a plain-SwiGLU intermediate beyond 65504 becomes inf in that
+token's output (eager bf16/f32 stays finite); DeepSeek V4's clamp bounds it. Decode keeps float32.
+
+Inference only: no gradient flows through the experts (a warning when one was asked for).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import math
 import os
 import re
 import sys
+import warnings
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -105,6 +110,9 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
                     top_k_weights: torch.Tensor) -> torch.Tensor:
     """The ``"moetile"`` experts forward: [T, H] in the dtype of ``hidden_states`` (f32/bf16/f16)."""
     w = _weights(self)
+    if torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad):
+        warnings.warn("moetile's experts are inference only: no gradient flows through them (nor to the router "
+                      "weights); run inference under torch.no_grad() or torch.inference_mode()", stacklevel=2)
     out = moe_forward(hidden_states.contiguous(), w, topk_ids=top_k_index, topk_weights=top_k_weights,
                       include_shared=False, validate=False)
     return out.to(hidden_states.dtype)
@@ -137,6 +145,10 @@ def _weights(m) -> MoEWeights:
             "weights; call moetile.integrations.transformers.quantize_experts(model) or load_gguf_experts(model, "
             "path) first"
         )
+    if not _freed(m):
+        raise RuntimeError(
+            f"{type(m).__name__}: its float expert weights were set again after moetile quantized them, and the "
+            "packed blocks would ignore them; call quantize_experts(model) again (or load_gguf_experts)")
     bufs = tuple(m._buffers.get(n) for n in st.names)
     c = st.cache
     if c is not None and all(r() is b for r, b in zip(c[0], bufs, strict=True)):
@@ -512,6 +524,9 @@ def quantize_experts(model: torch.nn.Module, qtype="q4_K", importance=None, *, f
         if _freed(s.module):
             raise ValueError(f"{s.name}: its float expert weights were already replaced by moetile's; "
                              "quantize_experts needs the float model")
+        if any(getattr(s.module, n).is_meta for n in _FLOAT_PARAMS):
+            raise ValueError(f"{s.name}: the expert weights are on the meta device (nothing to quantize); load "
+                             "the model's weights first, or fill the experts from a GGUF with load_gguf_experts")
     plans = [_plan(s) for s in sites]
     imps = _importance(importance, sites, plans)
     rows = []
@@ -598,13 +613,19 @@ def _router_copies(s: _Site, t, names: dict[str, str], cfg, where: str) -> list[
             f"{where}: {bn} has {left}, which the GGUF's MoE tensors do not fill (moetile loads the router, its bias, "
             "the hash table and a gate/up/down shared expert); load with include_router=False"
         )
+    return copies
+
+
+def _router_checks(s: _Site, cfg, where: str) -> None:
+    """The file's top-k and route scale against the model's router (with or without include_router:
+    experts loaded under another router's k or scale would be silently wrong)."""
+    gate = getattr(s.block, "gate", None)
     checks = [("expert_used_count", getattr(gate, "top_k", None)),
               ("expert_weights_scale", getattr(gate, "routed_scaling_factor", None))]
     for key, have in checks:
         want = getattr(cfg, key, None) if cfg is not None else None
         if want is not None and have is not None and not math.isclose(float(want), float(have), rel_tol=1e-6):
             raise ValueError(f"{where}: the file's {cfg.arch}.{key} = {want} but the model's router uses {have}")
-    return copies
 
 
 def _persistent(block: torch.nn.Module, name: str) -> bool:
@@ -671,6 +692,7 @@ def load_gguf_experts(model: torch.nn.Module, path, include_router: bool = False
         if c is not None and (p.clamp == PLAIN_CLAMP or not math.isclose(c, p.clamp, rel_tol=1e-6)):
             gate = "plain SwiGLU" if p.clamp == PLAIN_CLAMP else f"clamped SwiGLU with C = {p.clamp:g}"
             raise ValueError(f"{where}: the file's {cfg.arch}.swiglu_clamp_exp = {c:g} but {s.name}'s gate is {gate}")
+        _router_checks(s, cfg, where)
         copies = _router_copies(s, t, names, cfg, where) if include_router else []
         work.append((s, p, t, copies, _module_device(s, device)))
     rows = []

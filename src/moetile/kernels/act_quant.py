@@ -3,12 +3,19 @@
 Per row and 32-block of K: dx = max|x| / 127, qh = clamp(round(x / dx), +-127),
 ql = clamp(round((x - qh*dx) * 256 / dx), +-127), so x ~= dx/256 * (256*qh + ql) within dx/256
 (dx/512 but where the clamp of ql bites).
-A block holding a NaN gets dx = NaN (every output of it NaN); an all-zero block dx = 0.
+A block holding a NaN gets dx = NaN (every output of it NaN); an all-zero block dx = 0; a block
+holding an inf gets dx = inf and every word 0, so the products of its row are NaN (where the float32
+mat-vec gives +-inf). Below max|x| = 2^-100 the block is quantized at 2^100 times its size and dx
+scaled back, so its stored scale (dx/256, a float32 denormal there) bounds the precision.
 Layouts (``LAYOUT``, kernels/qdot.py's docstring): 0 NATURAL, 1 Q4K, 2 Q2K.
 """
 
 import triton
 import triton.language as tl
+
+TINY = tl.constexpr(7.888609052210118e-31)  # 2^-100
+UP = tl.constexpr(1.2676506002282294e30)  # 2^100
+DOWN = tl.constexpr(7.888609052210118e-31)  # 2^-100
 
 
 @triton.jit
@@ -52,6 +59,12 @@ def act_quant_kernel(
     xs = xs.to(tl.float32)  # [BB, 16, 4]: every weight of the block twice
     amax = tl.max(tl.max(tl.abs(xs), axis=2), axis=1)
     has_nan = tl.max(tl.max((xs != xs).to(tl.int32), axis=2), axis=1) > 0
+    # 127/amax overflows below amax ~ 3.7e-37: such a block is scaled up by 2^100 first (exact; every
+    # other block is multiplied by 1, so its bits are unchanged) and its dx scaled back at the store
+    tiny = amax < TINY
+    up = tl.where(tiny, UP, 1.0)
+    xs = xs * up[:, None, None]
+    amax = amax * up
     dx = amax / 127.0
     inv = tl.where(amax > 0, 127.0 / tl.where(amax > 0, amax, 1.0), 0.0)
     qh = _round127(xs * inv[:, None, None])
@@ -60,7 +73,7 @@ def act_quant_kernel(
     words = _pack(q, BLOCK_B)
     base = row * NB + blk
     tl.store(qa_ptr + base[:, None] * 16 + tl.arange(0, 16)[None, :], words, mask=ok[:, None])
-    tl.store(qs_ptr + base, tl.where(has_nan, float("nan"), dx * 0.00390625), mask=ok)
+    tl.store(qs_ptr + base, tl.where(has_nan, float("nan"), dx * 0.00390625 * tl.where(tiny, DOWN, 1.0)), mask=ok)
     # in every layout words 0-7 hold weights 0-15 (each once as qh, once as ql), words 8-15 the rest
     # (masked sums: a reshape to [BB, 2, 32] summed wrongly on the H100 for layout 0, Triton 3.6)
     a = tl.sum(tl.where(lev[None, :, :] == 0, q * 256, q), axis=2)  # [BB, 16]

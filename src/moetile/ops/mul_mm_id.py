@@ -101,6 +101,9 @@ def mul_mm_id_mapped(
     # the ds4 hazard (reference §6.4): the grid must be sized for the width the kernel computes
     if cfg.block_m != tiles.width:
         raise AssertionError(f"kernel token tile {cfg.block_m} != tile list width {tiles.width}")
+    if (w.qtype, w.form) == ("IQ2_XXS", "fast") and cfg.block_k % 64:
+        raise ValueError(f"K step {cfg.block_k}: IQ2_XXS fast keeps two groups' scales in a byte, so its K step "
+                         "is a multiple of 64")
     per_pair = rhs.dim() == 3  # [T, k, K]: one row per pair; [T, K]: one row per token
     rhs2 = rhs.reshape(-1, K)
     if rhs2.shape[0] != (P if per_pair else emap.num_tokens):

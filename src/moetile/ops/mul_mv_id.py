@@ -103,6 +103,9 @@ def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int,
     if cfg.block_k % 32 or K % cfg.block_k or (act is None and cfg.block_k > 256 and w.qtype != "Q8_0"):
         raise ValueError(f"mat-vec K step {cfg.block_k} must be a multiple of 32 dividing K = {K}, and with "
                          f"float32 activations at most 256 (one scale block) for {w.qtype}")
+    if (w.qtype, w.form) == ("IQ2_XXS", "fast") and cfg.block_k % 64:
+        raise ValueError(f"mat-vec K step {cfg.block_k}: IQ2_XXS fast keeps two groups' scales in a byte, "
+                         "so its K step is a multiple of 64")
     split = schedule.mv_split(N, P, K, cfg, allowed=split)
     grid = (-(-N // cfg.block_n), P, split)
     part = part2 = out
