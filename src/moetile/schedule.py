@@ -253,14 +253,15 @@ class MVConfig:
 
 def mv_config(interpreter: bool, act: str = "f32") -> MVConfig:
     """Decode mat-vec shape for activations ``act`` ("f32" or "q8x2", MV_ACTS): 16 rows per program on
-    the GPU (few pairs, so many small programs fill the SMs; BENCHMARKS §8, §12), 64 under Triton's
-    interpreter, whose cost is per program. Fewer than 16 rows with the PTX decoders gave wrong values
-    for the word decoders on the H100 (Triton 3.6: benchmarks/h100-2026-11-26/mv_config_check.log), so
-    launch_mv refuses them; a K step is at most 256 (one block's scale of the K-quants and IQ2_XXS)."""
+    the GPU (few pairs, so many small programs fill the SMs; BENCHMARKS §8, §12), 256 under Triton's
+    interpreter, whose cost is per program, not per row (64 rows took 4x the time of 256). Fewer than
+    16 rows with the PTX decoders gave wrong values for the word decoders on the H100 (Triton 3.6:
+    benchmarks/h100-2026-11-26/mv_config_check.log), so launch_mv refuses them; a K step is at most
+    256 (one block's scale of the K-quants and IQ2_XXS)."""
     if act not in MV_ACTS:
         raise ValueError(f"mat-vec activations must be one of {MV_ACTS}, got {act!r}")
     if interpreter:
-        return MVConfig(64, 256, 2, asm=False)
+        return MVConfig(256, 256, 2, asm=False)
     return MVConfig(*(_MV_SHAPE_Q if act == "q8x2" else _MV_SHAPE), asm=True)
 
 

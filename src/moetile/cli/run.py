@@ -22,6 +22,8 @@ def run(args) -> int:
     import torch
     from rich.console import Console
 
+    from ..quant.pack import resolve_form
+    from ..schedule import decode_max_tokens
     from . import audit, bench, info, profile
 
     con = Console()
@@ -45,8 +47,9 @@ def run(args) -> int:
                  svg=os.path.join(args.out, f"bench_{model}.svg"))
         if gpu:
             b.update(tokens_start=512, tokens_max=8192, widths="16,64,128,256,auto")
-        else:
-            b.update(tokens_start=16, tokens_max=32, widths="16,auto", gen_tokens=0)
+        else:  # the prefill kernels at the smallest T the policy gives them (the mat-vec is slow there)
+            t = decode_max_tokens(f"IQ2_XXS/{resolve_form('IQ2_XXS')}") + 1  # q2's gate/up
+            b.update(tokens_start=t, tokens_max=t, widths="16,auto", gen_tokens=0)
         rc |= bench.run(_args("bench", **b))
         if not gpu:
             break
