@@ -719,6 +719,17 @@ def test_layer_missing_one_expert_stack_is_named(tmp_path, gen):
         open_gguf(path).layers()
 
 
+def test_files_without_separate_gate_stacks_have_no_layers(tmp_path, gen):
+    """Merged gate_up experts (llama.cpp's ffn_gate_up_exps) or ungated ones: no layer moetile reads,
+    not a damaged file."""
+    layer = make_layer(gen, shared=False)
+    for names in ({"blk.0.ffn_gate_up_exps.weight": layer.gate, "blk.0.ffn_down_exps.weight": layer.down},
+                  {"blk.0.ffn_up_exps.weight": layer.up, "blk.0.ffn_down_exps.weight": layer.down}):
+        path = tmp_path / "m.gguf"
+        write_gguf(path, names)
+        assert open_gguf(path).layers() == []
+
+
 @pytest.mark.parametrize("index", ["00", "\u0661", "1\n"])
 def test_layer_index_that_is_not_plain_decimal(tmp_path, gen, index):
     path = tmp_path / "odd.gguf"

@@ -627,9 +627,10 @@ class GGUFFile:
         return list(self._tensors)
 
     def layers(self) -> list[int]:
-        """Sorted layer indices L that have ``blk.L.ffn_gate_exps.weight``; every layer holding one of
-        the gate/up/down expert stacks must hold all three, under a plain decimal L (a damaged name
-        would otherwise drop its layer without a word)."""
+        """Sorted layer indices L that have ``blk.L.ffn_gate_exps.weight``, under a plain decimal L. In
+        a file with such layers, every layer holding one of the gate/up/down expert stacks must hold
+        all three (a damaged name would otherwise drop its layer without a word); a file with none
+        (merged ``ffn_gate_up_exps``, ungated experts) has no layers moetile reads: []."""
         found: dict[int, set[str]] = {}
         for n in self._tensors:
             m = _EXPS_RE.fullmatch(n)
@@ -638,6 +639,8 @@ class GGUFFile:
             if not _INDEX_RE.fullmatch(m.group(1)):
                 raise GGUFError(f"{self.path}: tensor {n!r}: layer index {m.group(1)!r} is not a plain decimal number")
             found.setdefault(int(m.group(1)), set()).add(m.group(2))
+        if not any("gate" in parts for parts in found.values()):
+            return []
         for layer, parts in sorted(found.items()):
             if len(parts) < 3:
                 held = sorted(f"blk.{layer}.ffn_{p}_exps" for p in parts)

@@ -207,3 +207,19 @@ def test_iq2_fast_k_step_of_32_is_refused(device):
     with pytest.raises(ValueError, match="multiple of 64"):
         launch_mv(x, w, torch.zeros(1, dtype=torch.int32, device=device), 1, out,
                   config=schedule.MVConfig(16, 32, 2, asm=False))
+
+
+@pytest.mark.parametrize("act", ["f32", "q8x2"])
+def test_row_tail_in_a_later_program(act, device):
+    """N = 80 rows at 64 a program: the second program holds the 16-row tail (the interpreter's own
+    shape takes all 80 in one)."""
+    from moetile.ops.mul_mv_id import launch_mv
+
+    w = _w("Q4_K", "auto", device)
+    x = torch.randn(2, K, generator=torch.Generator().manual_seed(3)).to(device)
+    ids = torch.tensor([3, 0, 1, 3], dtype=torch.int32).to(device)
+    act_q = quantize_act(x, act_layout(w)) if act == "q8x2" else None
+    out = torch.full((4, N), float("nan"), device=device)
+    launch_mv(x, w, ids, 2, out, act=act_q, config=schedule.MVConfig(64, 256, 2, asm=device == "cuda"), split=False)
+    ref = mul_mm_id_ref(_seen(x, w, act), w, ids.view(2, 2)).reshape(4, N)
+    assert_rows_close(out.cpu(), ref.cpu(), BOUND, f"{act}")

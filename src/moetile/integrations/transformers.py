@@ -647,7 +647,9 @@ def load_gguf_experts(model: torch.nn.Module, path, include_router: bool = False
     weights). ``device``: where the experts go (default: where the module's weights are). The file's
     MoE layers must be exactly the model's; every layer is checked (types, shapes against the module,
     the file's ``swiglu_clamp_exp`` against the module's gate, ``expert_used_count`` /
-    ``expert_weights_scale`` against the router) before anything changes, and a mismatch raises
+    ``expert_weights_scale`` against the router, with or without ``include_router``: a model config
+    that disagrees with the file is more often a mistake than a choice; to run the experts under
+    another k, change the router's after loading) before anything changes, and a mismatch raises
     naming the layer and the tensor. Returns the memory report.
     """
     from ..gguf_io import GGUFFile, layer_tensor_names, open_gguf
