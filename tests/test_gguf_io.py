@@ -530,6 +530,15 @@ def test_tensor_count_field_disagrees_with_infos(tmp_path, gen, delta, match):
         open_gguf(path)
 
 
+def _finish(w: GGUFWriter) -> None:
+    """Write a GGUFWriter's header, metadata and tensors, and close it (files the writers of
+    moetile.gguf_io would refuse to make)."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def test_alignment_not_a_power_of_two(tmp_path, gen):
     # laid out consistently at 48 bytes, which GGUF (and llama.cpp) do not allow
     path = tmp_path / "a48.gguf"
@@ -538,10 +547,7 @@ def test_alignment_not_a_power_of_two(tmp_path, gen):
     w.add_uint32("general.alignment", 48)
     w.add_tensor("x", np.ones(3, dtype=np.float32))
     w.add_tensor("y", np.ones(5, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     with pytest.raises(GGUFError, match=r"general\.alignment = 48 \(type 4\) is not a power of two"):
         open_gguf(path)
 
@@ -639,10 +645,7 @@ def test_unsupported_quant_type(tmp_path):
     w = GGUFWriter(path, "deepseek4")
     raw = np.random.default_rng(0).integers(0, 256, size=(32, 176), dtype=np.uint8)  # Q5_K: 176 B / 256
     w.add_tensor("blk.0.ffn_gate_exps.weight", raw, raw_dtype=GGMLQuantizationType.Q5_K)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     f = open_gguf(path)
     with pytest.raises(GGUFError, match=r"layer 0 holds \['blk\.0\.ffn_gate_exps'\] but no"):
         f.layers()
@@ -753,10 +756,7 @@ def test_architecture_that_is_not_a_string(tmp_path, gen):
     path = tmp_path / "a.gguf"
     w = GGUFWriter(path, "deepseek4")
     w.add_array("general.architecture", [1, 2])  # replaces the string the writer was given
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     f = open_gguf(path)
     with pytest.raises(GGUFError, match=r"'general\.architecture' is \[1, 2\], not a string"):
         f.moe_config()
@@ -766,10 +766,7 @@ def test_nested_metadata_arrays_and_big_endian_are_refused(tmp_path):
     path = tmp_path / "n.gguf"
     w = GGUFWriter(path, "deepseek4")
     w.add_array("x.nested", [[1, 2], [3]])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     with pytest.raises(GGUFError, match=r"metadata 'x\.nested' is an array of arrays"):
         open_gguf(path)
     path = tmp_path / "be.gguf"

@@ -241,7 +241,7 @@ def _moe_forward(x, weights, token_ids, topk_ids, topk_weights, include_shared, 
             return out
         weights = weights.packed()  # a no-op for packed weights; QuantTensors pack once (cached)
         plan = schedule.plan_layer(T, k, E, schedule.form_key(weights.gate), **plan_kw)
-        qx = _shared_act(x, weights, topk_ids, include_shared, plan_kw)
+        qx = _shared_act(x, weights, plan, include_shared, plan_kw)
         y = _routed(x, weights.gate, weights.up, weights.down, topk_ids, topk_weights, plan, weights.clamp, hook,
                     act_x=qx)
     finally:
@@ -255,25 +255,22 @@ def _moe_forward(x, weights, token_ids, topk_ids, topk_weights, include_shared, 
     return out
 
 
-def _shared_act(x, weights: MoEWeights, topk_ids, include_shared: bool, plan_kw: dict):
+def _shared_act(x, weights: MoEWeights, routed: schedule.LayerPlan, include_shared: bool, plan_kw: dict):
     """x quantized once for both the routed and the shared expert's mat-vec when both plan the
     q8x2 decode path in the same activation layout (q2: IQ2_XXS and Q8_0), else None: in eager calls
-    only (one launch fewer). In a graph capture the shared expert runs on a side stream, and
-    quantizing before the fork let it start ahead of the router and slow it (q2 T=1 step: 81.5 ->
-    94.1 us of GPU span on the H100, BENCHMARKS.md §12), so each stream quantizes its own there."""
-    T = x.shape[0]
-    if not (T and include_shared and weights.has_shared and use_kernel(x.device, "moe_forward")):
+    only (one launch fewer). ``weights``: packed; ``routed``: the routed experts' plan. In a graph
+    capture the shared expert runs on a side stream, and quantizing before the fork let it start
+    ahead of the router and slow it (q2 T=1 step: 81.5 -> 94.1 us of GPU span on the H100,
+    BENCHMARKS.md §12), so each stream quantizes its own there."""
+    if not (include_shared and weights.has_shared):
         return None
     if x.is_cuda and schedule.SHARED_ON_SIDE_STREAM and torch.cuda.is_current_stream_capturing():
         return None
-    w = weights.packed()
-    k = weights.top_k if topk_ids is None else topk_ids.shape[1]
-    routed = schedule.plan_layer(T, k, w.dims[0], schedule.form_key(w.gate), **plan_kw)
-    shared = schedule.plan_layer(T, 1, 1, schedule.form_key(w.shared_gate), **plan_kw)
+    shared = schedule.plan_layer(x.shape[0], 1, 1, schedule.form_key(weights.shared_gate), **plan_kw)
     if not all(p.path == "decode" and p.mv_act == "q8x2" for p in (routed, shared)):
         return None
-    layout = act_layout(w.gate)
-    return quantize_act(x, layout) if act_layout(w.shared_gate) == layout else None
+    layout = act_layout(weights.gate)
+    return quantize_act(x, layout) if act_layout(weights.shared_gate) == layout else None
 
 
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
