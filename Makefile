@@ -1,12 +1,13 @@
 # The two commands of README.md: `make run` (the main job) and `make test`.
-# Set-up is part of both: if this machine's python3 already imports torch, triton, numpy,
-# gguf, rich and pytest (a GPU box, say), that interpreter is used with src/ on the path; otherwise a
-# virtual environment .venv is made and the package installed into it (on CPU-only
-# machines torch==2.13.0, a CPU build, is tried first so no multi-GB CUDA build is pulled).
+# Set-up is part of both: if this machine's python3 already imports torch, triton, numpy, gguf,
+# rich, matplotlib, pytest and hypothesis (a GPU box, say), that interpreter is used with src/ on the
+# path; otherwise a virtual environment .venv is made and the package installed into it. torch==2.13.0
+# is tried first: where pip's index serves a CPU build of it (CI's machines) no multi-GB CUDA build is
+# pulled; elsewhere set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu (README.md).
 
 PYTHON ?= python3
 VENV := .venv
-HAVE_DEPS := $(shell $(PYTHON) -c "import torch, triton, numpy, gguf, rich, pytest" >/dev/null 2>&1 && echo yes)
+HAVE_DEPS := $(shell $(PYTHON) -c "import torch, triton, numpy, gguf, rich, matplotlib, pytest, hypothesis" >/dev/null 2>&1 && echo yes)
 
 ifeq ($(HAVE_DEPS),yes)
 PY := PYTHONPATH=$(CURDIR)/src$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON)

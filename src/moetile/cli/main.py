@@ -8,8 +8,9 @@ import sys
 
 DESCRIPTION = (
     "moetile runs the routed-MoE layers of GGUF-quantized models (Q4_K, Q2_K, IQ2_XXS, Q8_0) with Triton "
-    "kernels. `moetile run` is the main job (info, audit, bench, profile). Without a CUDA GPU every command "
-    "runs the real kernels through Triton's interpreter on small shapes: correctness only, no timings."
+    "kernels. `moetile run` is the main job (info, audit, bench, profile). Without a CUDA GPU the commands run "
+    "the real kernels through Triton's interpreter on small shapes: what bench times there is the interpreter, "
+    "not performance; profile and bench-ops need a GPU and say so."
 )
 # what a user's mistake raises (a missing file, a layer the file lacks, a bad value or env var, CUDA absent)
 USER_ERRORS = (OSError, ValueError, LookupError, RuntimeError)
