@@ -211,6 +211,61 @@ def test_module_and_bad_inputs(device):
                         topk_weights=torch.ones(2, 3).to(device), path="decode")
 
 
+def test_gate_up_forms_and_override_checks(device):
+    """gate and up (and the shared gate and up) are read by one decoder: a different packed form is
+    refused, not decoded as garbage; topk_ids/topk_weights on another device or of a non-float type and
+    a bad plan override are refused on every path (T = 0 too) and by the module's constructor."""
+    from moetile.quant.pack import pack
+
+    iq = make_weights("IQ2_XXS", "Q2_K", device)
+    with pytest.raises(ValueError, match="same form"):
+        replace(iq, gate=pack(iq.gate, "fast"), up=pack(iq.up, "compact"))
+    sg, su = (random_blocks("IQ2_XXS", (F, H)).to(device) for _ in range(2))
+    with pytest.raises(ValueError, match="same form"):
+        replace(iq, shared_gate=pack(sg, "fast"), shared_up=pack(su, "compact"))
+    replace(iq, shared_gate=pack(sg, "compact"), shared_up=pack(su, "compact"))  # alike: accepted
+    from moetile.ops.mul_mv_id import launch_mv
+
+    with pytest.raises(ValueError, match="launch_mv: up is IQ2_XXS/compact"):  # the launcher checks too
+        launch_mv(torch.randn(1, H).to(device), pack(iq.gate, "fast"), torch.zeros(1, dtype=torch.int32).to(device),
+                  1, torch.empty(1, F).to(device), w_up=pack(iq.up, "compact"), route_weights=torch.ones(1).to(device))
+    w = make_weights("Q4_K", "Q4_K", device)
+    with pytest.raises(ValueError, match="same quant type"):
+        replace(w, shared_up=random_blocks("Q4_K", (F, H)).to(device))
+    with pytest.raises(TypeError, match="shared_gate"):
+        replace(w, shared_gate=torch.randn(F, H).to(device))
+    with pytest.raises(TypeError, match="router must be a tensor"):
+        replace(w, router=[[0.0] * H] * E)
+    x = torch.randn(2, H).to(device)
+    ids, tw = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32).to(device), torch.rand(2, 3).to(device)
+    for bad_ids, bad_w in ((ids.to("meta"), tw), (ids, tw.to("meta"))):
+        with pytest.raises(ValueError, match="x's device"):
+            moe_forward(x, w, topk_ids=bad_ids, topk_weights=bad_w)
+    with pytest.raises(TypeError, match="float tensor"):
+        moe_forward(x, w, topk_ids=ids, topk_weights=torch.ones(2, 3, dtype=torch.int32).to(device))
+    for T in (0, 2):
+        for kw, match in (({"path": "bogus"}, "path"), ({"tile": 48}, "tile width"), ({"tile": True}, "tile"),
+                          ({"gate_up": "x"}, "gate_up"), ({"decode_act": "int4"}, "decode_act")):
+            with pytest.raises((ValueError, TypeError), match=match):
+                moe_forward(x[:T], w, **kw)
+    with pytest.raises(ValueError, match="path"):
+        DS4MoE(w, path="bogus")
+
+
+def test_a_bad_override_is_refused_by_the_torch_fallback(monkeypatch):
+    """Without a kernel (CPU tensors, no interpreter) the layer runs the reference; a bad override
+    is still an error there, not ignored."""
+    import moetile.moe
+
+    monkeypatch.setattr(moetile.moe, "use_kernel", lambda device, op: False)
+    w = make_weights("Q4_K", "Q4_K", "cpu")
+    with pytest.raises(ValueError, match="decode_act"):
+        moe_forward(torch.randn(2, H), w, decode_act="fp8")
+    monkeypatch.setenv("MOETILE_TILE_MAX", "48")
+    with pytest.raises(ValueError, match="MOETILE_TILE_MAX"):
+        moe_forward(torch.randn(0, H), w)
+
+
 def test_shared_expert_constants_outlive_growth():
     """A CUDA graph captured with views of the shared expert's constant ids and weights reads them at
     every replay: growing them for a longer batch keeps the old buffers alive (and their values)."""

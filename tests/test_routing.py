@@ -488,6 +488,7 @@ BAD_INPUTS = [
     ("k = 0", {"k": 0, "hash_table": None}, ValueError, "k must be"),
     ("k float", {"k": 6.0, "hash_table": None}, TypeError, "k must be an int"),
     ("scale nan", {"scale": float("nan"), "hash_table": None}, ValueError, "scale"),
+    ("scale beyond f32", {"scale": 1e39, "hash_table": None}, ValueError, "finite in float32"),
     ("tokens len topk", {"token_ids": torch.tensor([1]), "hash_table": None}, ValueError, "token_ids"),
 ]
 

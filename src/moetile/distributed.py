@@ -309,7 +309,7 @@ def _prepare(x, sharded: ShardedMoE, token_ids, group, topk_ids, topk_weights, v
         ids, rw = route(x, sharded.router, bias=sharded.bias, token_ids=token_ids, hash_table=sharded.hash_table,
                         k=sharded.top_k, scale=sharded.scale, validate=validate, deterministic=det)
     else:
-        ids, rw = moe._check_ids(topk_ids, topk_weights, T, E, validate)
+        ids, rw = moe._check_ids(topk_ids, topk_weights, T, E, validate, x.device)
     flat = ids.reshape(-1).to(torch.int64)  # [P]
     ok = (flat >= 0) & (flat < E)
     dest = torch.where(ok, flat // n, torch.zeros_like(flat))  # a bad id goes to rank 0 as local id -1: NaN row

@@ -69,8 +69,7 @@ class MoEWeights:
             t = getattr(self, name)
             if not isinstance(t, (QuantTensor, PackedTensor)) or len(t.shape) != 3:
                 raise TypeError(f"{name} must be an (E, N, K) PackedTensor or QuantTensor, got {t!r}")
-        if self.gate.qtype != self.up.qtype:
-            raise ValueError(f"gate ({self.gate.qtype}) and up ({self.up.qtype}) must have the same quant type")
+        _same_kind("gate", self.gate, "up", self.up)
         E, F, H = self.gate.shape
         if self.up.shape != (E, F, H) or self.down.shape != (E, H, F):
             raise ValueError(
@@ -80,12 +79,21 @@ class MoEWeights:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= E:
             raise ValueError(f"top_k must be an int in [1, {E}], got {self.top_k!r}")
         object.__setattr__(self, "clamp", check_clamp(self.clamp))
+        for f in ("router", "bias", "hash_table"):
+            t = getattr(self, f)
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"{f} must be a tensor or None, got {type(t).__name__}")
         if self.router is not None and tuple(self.router.shape) != (E, H):
             raise ValueError(f"router must be [E, H] = ({E}, {H}), got {tuple(self.router.shape)}")
         shared = (self.shared_gate, self.shared_up, self.shared_down)
         if any(s is not None for s in shared):
             if any(s is None for s in shared):
                 raise ValueError("shared expert needs all of shared_gate, shared_up, shared_down")
+            for name in ("shared_gate", "shared_up", "shared_down"):
+                t = getattr(self, name)
+                if not isinstance(t, (QuantTensor, PackedTensor)) or len(t.shape) != 2:
+                    raise TypeError(f"{name} must be an (N, K) PackedTensor or QuantTensor, got {type(t).__name__}")
+            _same_kind("shared_gate", self.shared_gate, "shared_up", self.shared_up)
             Fs = self.shared_gate.shape[0]
             if (self.shared_gate.shape != (Fs, H) or self.shared_up.shape != (Fs, H)
                     or self.shared_down.shape != (H, Fs)):
@@ -119,6 +127,16 @@ class MoEWeights:
         if form == "auto" and all(isinstance(getattr(self, f), (PackedTensor, type(None))) for f in _QUANT):
             return self
         return replace(self, **{f: packed(getattr(self, f), form) for f in _QUANT if getattr(self, f) is not None})
+
+
+def _same_kind(a: str, ta, b: str, tb) -> None:
+    """gate and up are read by one kernel with one decoder: same quant type, and same packed form
+    where both are packed (a QuantTensor takes the form of the layer's pack)."""
+    if ta.qtype != tb.qtype:
+        raise ValueError(f"{a} ({ta.qtype}) and {b} ({tb.qtype}) must have the same quant type")
+    fa, fb = getattr(ta, "form", None), getattr(tb, "form", None)
+    if fa is not None and fb is not None and fa != fb:
+        raise ValueError(f"{a} (form {fa!r}) and {b} (form {fb!r}) must be packed in the same form")
 
 
 def ds4_hyper(cfg, layer: int | str, where: str) -> dict:
@@ -205,6 +223,8 @@ def _moe_forward(x, weights, token_ids, topk_ids, topk_weights, include_shared, 
     _check_x(x, H, weights.gate.device)
     T = x.shape[0]
     det = schedule.resolve_deterministic(deterministic)
+    schedule.check_overrides(tile, path, gate_up, decode_act)  # on every path, T = 0 and CPU included
+    schedule.tile_max_from_env()  # a bad MOETILE_TILE_MAX too
     plan_kw = dict(tile=tile, path=path, gate_up=gate_up, deterministic=det, decode_act=decode_act)
     shared, side, qx = None, None, None
     if include_shared and weights.has_shared and T and x.is_cuda and stage_hook is None:
@@ -222,14 +242,13 @@ def _moe_forward(x, weights, token_ids, topk_ids, topk_weights, include_shared, 
                 k=weights.top_k, scale=weights.scale, validate=validate, deterministic=det,
             )
         else:
-            topk_ids, topk_weights = _check_ids(topk_ids, topk_weights, T, E, validate)
+            topk_ids, topk_weights = _check_ids(topk_ids, topk_weights, T, E, validate, x.device)
         hook = stage_hook or (lambda name: None)
         hook("route")
         k = topk_ids.shape[1]
         out = _buffer((T, H), torch.float32, x.device)
         if T == 0:
             return out
-        schedule.tile_max_from_env()  # a bad MOETILE_TILE_MAX is an error on every path, not only the kernels'
         if not use_kernel(x.device, "moe_forward"):
             from .reference import ds4_moe_ref
 
@@ -389,7 +408,7 @@ def _check_x(x, H, device):
         raise ValueError("x must be contiguous")
 
 
-def _check_ids(ids, w, T, E, validate):
+def _check_ids(ids, w, T, E, validate, device):
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 2:
         raise TypeError(f"topk_ids must be an int32/int64 [T, k] tensor, got {getattr(ids, 'dtype', type(ids))}")
     if ids.shape[0] != T:
@@ -398,6 +417,10 @@ def _check_ids(ids, w, T, E, validate):
         raise ValueError("topk_ids has k = 0 experts per token")
     if w is None or not isinstance(w, torch.Tensor) or tuple(w.shape) != tuple(ids.shape):
         raise ValueError(f"topk_weights must be a float tensor of shape {tuple(ids.shape)} when topk_ids is given")
+    if not w.is_floating_point():
+        raise TypeError(f"topk_weights must be a float tensor, got {w.dtype}")
+    if ids.device != device or w.device != device:  # a kernel handed another device's pointer faults
+        raise ValueError(f"topk_ids ({ids.device}) and topk_weights ({w.device}) must be on x's device, {device}")
     if validate and ids.numel() and bool(((ids < 0) | (ids >= E)).any()):
         raise ValueError(f"topk_ids holds expert ids outside [0, {E})")
     return ids_int32(ids, E).view(ids.shape), w.to(torch.float32).contiguous()  # 2**32 + e must not wrap to e
@@ -421,6 +444,7 @@ class DS4MoE(torch.nn.Module):
         super().__init__()
         self._register()
         self.weights = weights.packed(form)
+        schedule.check_overrides(tile, path, gate_up, decode_act)  # a typo fails here, not at the first forward
         self.tile, self.path, self.gate_up, self.decode_act = tile, path, gate_up, decode_act
         self.deterministic = schedule.resolve_deterministic(deterministic)
         self.validate = validate

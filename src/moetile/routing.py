@@ -118,10 +118,19 @@ def hash_select(
     tok = token_ids.to(torch.int64)
     if validate:
         _validate_token_ids(tok, V)
-    rows = table.index_select(0, tok.clamp(0, V - 1)).to(torch.int32)  # [T, k]
+    rows = table.index_select(0, tok.clamp(0, V - 1))  # [T, k]
     if validate and n_experts is not None:
         _validate_expert_ids(rows, n_experts, "hash table rows")
-    return rows
+    return table_ids_int32(rows)
+
+
+def table_ids_int32(rows: torch.Tensor) -> torch.Tensor:
+    """int32 expert ids of hash-table entries: a wider entry outside the int32 range becomes -1 (an
+    expert id outside [0, E), as it was) rather than wrapping: 2**32 + e must not read expert e."""
+    if rows.dtype == torch.int32:
+        return rows
+    fits = (rows >= -(2**31)) & (rows < 2**31)
+    return torch.where(fits, rows, torch.full_like(rows, -1)).to(torch.int32)
 
 
 def route_weights(scores: torch.Tensor, ids: torch.Tensor, scale: float = 1.5) -> torch.Tensor:
@@ -218,9 +227,13 @@ def _check_k(k, E: int) -> None:
         raise ValueError(f"k must be in [1, E={E}], got k={k}")
 
 
+_F32_MAX = 3.4028234663852886e38
+
+
 def _check_scale(scale) -> None:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+            or abs(scale) > _F32_MAX):  # the weights are float32: a larger scale makes them inf
+        raise ValueError(f"scale must be a number finite in float32, got {scale!r}")
 
 
 def _check_x_router(x, w_router) -> None:

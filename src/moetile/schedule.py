@@ -394,6 +394,23 @@ class LayerPlan:
                 (build_tiles(emap, self.wide, self.wide_rows), self.wide_gate_up)]
 
 
+def check_overrides(tile="auto", path: str = "auto", gate_up: str = "auto", decode_act: str = "auto") -> None:
+    """Raise for a plan override no plan accepts (plan_layer's arguments; the layer checks them on
+    every call, also where no plan is made: T = 0, the CPU reference)."""
+    if isinstance(tile, bool) or not isinstance(tile, (int, str)):
+        raise TypeError(f"tile must be 'auto', 'ds4' or an int width, got {tile!r}")
+    if isinstance(tile, int) and tile not in WIDTHS:
+        raise ValueError(f"tile width must be one of {WIDTHS}, got {tile}")
+    if isinstance(tile, str) and tile not in ("auto", "ds4"):
+        raise ValueError(f"tile must be 'auto', 'ds4' or an int width, got {tile!r}")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if gate_up not in GATE_UP:
+        raise ValueError(f"gate_up must be one of {GATE_UP}, got {gate_up!r}")
+    if decode_act != "auto" and decode_act not in MV_ACTS:
+        raise ValueError(f"decode_act must be 'auto' or one of {MV_ACTS}, got {decode_act!r}")
+
+
 def plan_layer(num_tokens: int, top_k: int, num_experts: int, form: str, *, tile="auto",
                path: str = "auto", gate_up: str = "auto", deterministic: bool = False,
                decode_act: str = "auto") -> LayerPlan:
@@ -402,16 +419,11 @@ def plan_layer(num_tokens: int, top_k: int, num_experts: int, form: str, *, tile
     ``deterministic``: choices that do not depend on T or the routing (the prefill path, one
     width, one gate/up variant), so a token's result does not depend on the batch around it.
     ``decode_act``: the mat-vec's activations ("auto": MV_ACT; "f32" exact, "q8x2" two-level int8)."""
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    if gate_up not in GATE_UP:
-        raise ValueError(f"gate_up must be one of {GATE_UP}, got {gate_up!r}")
+    check_overrides(tile, path, gate_up, decode_act)
     if deterministic:
         path = "prefill" if path == "auto" else path
         if tile in ("auto", "ds4"):
             tile = min(DETERMINISTIC_WIDTH, tile_max_from_env())
-    if decode_act != "auto" and decode_act not in MV_ACTS:
-        raise ValueError(f"decode_act must be 'auto' or one of {MV_ACTS}, got {decode_act!r}")
     act = MV_ACT if decode_act == "auto" else decode_act
     if path == "auto":
         path = "decode" if num_tokens <= DECODE_MAX_TOKENS[act][form] else "prefill"

@@ -63,3 +63,13 @@ def test_bad_arguments(device):
     with pytest.raises(ValueError, match="layout"):
         quantize_act(torch.randn(2, 64, device=device), 3)
     assert quantize_act(torch.randn(0, 64, device=device), 0).words.shape == (0, 2, 16)
+
+
+def test_bad_inputs_are_named(device):
+    for bad in (torch.tensor(1.0), torch.ones(2, 64, dtype=torch.int32), [[0.0] * 64]):
+        with pytest.raises(TypeError, match="float32/float16/bfloat16"):
+            quantize_act(bad.to(device) if isinstance(bad, torch.Tensor) else bad, 0)
+    with pytest.raises(ValueError, match="positive multiple of 32"):
+        quantize_act(torch.ones(2, 0, device=device), 0)
+    with pytest.raises(ValueError, match="layout"):
+        quantize_act(torch.ones(2, 64, device=device), True)

@@ -79,6 +79,21 @@ def test_hash_mode_matches_the_torch_steps(device):
         route(x, w, token_ids=tok.clamp(0, 9), hash_table=table, k=4, validate=True)
 
 
+def test_wide_table_entries_do_not_wrap(device):
+    """An int64 table entry of 2**32 + e is outside [0, E), not expert e: validate=True names it,
+    otherwise it reads nothing (weight 0) and goes on as a bad id (-1), in the kernels and the torch
+    steps alike."""
+    x, w, bias = make_case(3, 8, 64, seed=17, device=device)
+    table = torch.tensor([[0, 1], [2**32 + 3, 5], [4, -(2**33)]], device=device)
+    tok = torch.tensor([0, 1, 2], device=device)
+    with pytest.raises(ValueError, match="hash table rows"):
+        route(x, w, token_ids=tok, hash_table=table, k=2, validate=True)
+    for fn in (route, routing.route):
+        ids, wts = fn(x, w, token_ids=tok, hash_table=table, k=2)
+        assert ids.tolist() == [[0, 1], [-1, 5], [4, -1]], fn.__module__
+        assert wts[1, 0] == 0 and wts[2, 1] == 0 and torch.isfinite(wts).all()
+
+
 def test_route_does_not_depend_on_the_batch(device, row_invariant_dot):
     """A token's ids and weights are the same bits in batches of 1, 15, 16, 17 and 33 tokens
     (around the 16-token block), shuffled."""

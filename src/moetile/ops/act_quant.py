@@ -33,6 +33,9 @@ class QAct:
         return self.words.shape[0]
 
 
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def act_layout(w) -> int:
     """The activation layout a PackedTensor's form reads."""
     return _LAYOUTS[(w.qtype, w.form)]
@@ -40,10 +43,13 @@ def act_layout(w) -> int:
 
 def quantize_act(x: torch.Tensor, layout: int) -> QAct:
     """x f32/f16/bf16 [..., K] (K a multiple of 32, rows contiguous) -> QAct of its R = numel/K rows."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.dtype not in _FLOATS:
+        raise TypeError(f"quantize_act: x must be a float32/float16/bfloat16 tensor [..., K], got "
+                        f"{getattr(x, 'dtype', type(x).__name__)} of {getattr(x, 'dim', lambda: '?')()} dims")
     K = x.shape[-1]
-    if K % 32:
-        raise ValueError(f"quantize_act: K = {K} is not a multiple of 32")
-    if layout not in (0, 1, 2):
+    if K == 0 or K % 32:
+        raise ValueError(f"quantize_act: K = {K} is not a positive multiple of 32")
+    if type(layout) is not int or layout not in (0, 1, 2):
         raise ValueError(f"quantize_act: layout must be 0, 1 or 2, got {layout!r}")
     x2 = x.reshape(-1, K)
     if x2.stride(1) != 1:

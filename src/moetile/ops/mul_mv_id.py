@@ -91,6 +91,8 @@ def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int,
     per_pair = rhs.dim() == 3
     rhs2 = rhs.reshape(-1, K)
     fused = w_up is not None
+    if fused and (w_up.qtype, w_up.form) != (w.qtype, w.form):  # one decoder reads both
+        raise ValueError(f"launch_mv: up is {w_up.qtype}/{w_up.form} but gate is {w.qtype}/{w.form}")
     if act is not None and (act.layout != act_layout(w) or act.rows != rhs2.shape[0]
                             or act.words.shape[1] * 32 != K):
         raise ValueError(f"launch_mv: activations of layout {act.layout}, {act.rows} rows do not fit "

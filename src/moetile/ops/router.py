@@ -60,7 +60,7 @@ def route(
     if hashed:
         V = hash_table.shape[0]
         tok = token_ids.to(torch.int64).clamp(0, V - 1).to(torch.int32)  # int64 ids >= 2^31 must not wrap
-        table = hash_table.to(torch.int32).contiguous()
+        table = routing.table_ids_int32(hash_table).contiguous()
     else:
         V, tok, table = 1, ids, ids
     b = bias.to(torch.float32).contiguous() if bias is not None and not hashed else wts
