@@ -6,6 +6,8 @@ ranks, skewed routing, a hash layer, the mat-vec path, and the mismatch errors."
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
+from datetime import timedelta
 
 import pytest
 import torch
@@ -36,7 +38,9 @@ def _weights(seed=0, F=F, hash_rows=0) -> MoEWeights:
 def _worker(rank: int, world: int, port: int, case: dict) -> None:
     """One rank. On a GPU machine the ranks share its GPUs (the real kernels; gloo moves the rows
     through host memory); on CPU the kernels run through the interpreter."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a rank left waiting in a collective (a regression of the agreement checks) fails in 2 min, not 30
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
     try:
         _case(rank, world, case)
         dist.barrier()  # no rank tears gloo down while another still talks to it (seen: SIGABRT under load)
@@ -62,6 +66,19 @@ def _case(rank: int, world: int, case: dict) -> None:
         err, match = (FileNotFoundError, "missing") if rank == 1 else (ValueError, r"rank\(s\) \[1\] failed")
         with pytest.raises(err, match=match):
             DS4MoE.from_gguf(path, 0, device=dev, group=dist.group.WORLD)
+        return
+    if case.get("agreed_failures"):  # what one rank alone gets wrong: every rank raises, none waits
+        w = _weights().to(dev)
+        other = r"rank\(s\) \[1\] failed"
+        with pytest.raises(ValueError, match="form" if rank == 1 else other):
+            EPMoE(w, form="bogus" if rank == 1 else "auto")
+        with pytest.raises(ValueError, match="router bytes differs"):  # another layer of the same shapes
+            EPMoE(_weights(seed=rank).to(dev))
+        layer = EPMoE(w, deterministic=rank == 1)
+        with pytest.raises(ValueError, match="disagree on deterministic mode"):
+            layer(torch.randn(3, H, device=dev))
+        with pytest.raises(TypeError if rank == 1 else ValueError, match="ShardedMoE" if rank == 1 else "failed"):
+            ep_moe_forward(torch.randn(3, H, device=dev), w if rank == 1 else layer.sharded)
         return
     w = _weights(hash_rows=16 if case.get("hash") else 0).to(dev)
     if case.get("bad_x"):  # rank 1 passes a wrong hidden size: both raise before any exchange
@@ -125,6 +142,7 @@ CASES = {
     "hash layer": (2, dict(sizes=[6, 3], hash=True)),
     "ranks disagree": (2, dict(mismatch=True)),
     "one rank fails its input checks": (2, dict(bad_x=True)),
+    "one rank's construction, layer or mode differs": (2, dict(agreed_failures=True)),
     "mixed activation dtypes": (2, dict(sizes=[3, 4], mixed_dtypes=True)),
     "automatic plans": (2, dict(sizes=[9, 2], auto=True)),
 }
@@ -162,6 +180,19 @@ def test_shard_keeps_views_of_its_experts():
 def test_shard_refuses(rank, world, match):
     with pytest.raises(ValueError, match=match):
         shard(_weights(), rank, world)
+
+
+def test_sharded_layer_is_checked():
+    """A ShardedMoE built or changed by hand is checked like MoEWeights: the router, bias, hash table,
+    k and scale must fit the whole layer (they had given NaN rows instead)."""
+    s = shard(_weights(), 0, 2)
+    for change, match in (({"router": torch.zeros(2 * E, H)}, "router"), ({"bias": torch.zeros(E + 1)}, "bias"),
+                          ({"top_k": E + 1}, "top_k"), ({"scale": float("nan")}, "scale"),
+                          ({"num_experts": 3 * E}, "local experts"), ({"hash_table": torch.zeros(4, 3)}, "hash_table")):
+        with pytest.raises(ValueError, match=match):
+            replace(s, **change)
+    with pytest.raises(ValueError, match="scale"):
+        replace(_weights(), scale=float("nan"))
 
 
 def test_wrong_group_is_refused(tmp_path):

@@ -677,7 +677,7 @@ def test_write_rejects_bad_input(tmp_path, gen):
         write_gguf(path, {"x" * 64: torch.ones(3)}, {})
     with pytest.raises(ValueError, match="general.architecture"):
         write_gguf(path, {"x": torch.ones(3)}, {"general.architecture": "llama"}, arch="deepseek4")
-    with pytest.raises(ValueError, match=">= 1 dim"):
+    with pytest.raises(ValueError, match="1 to 4 dims"):
         write_gguf(path, {"x": torch.tensor(1.0)}, {})
     assert not path.exists() and list(tmp_path.iterdir()) == []  # nothing half-written
 
@@ -775,3 +775,34 @@ def test_nested_metadata_arrays_and_big_endian_are_refused(tmp_path):
     path.write_bytes(blob[:4] + blob[4:8][::-1] + blob[8:])
     with pytest.raises(GGUFError, match="big-endian GGUF"):
         open_gguf(path)
+
+
+def test_writer_refuses_what_its_reader_would(tmp_path):
+    """What write_gguf / write_moe_layers would write but not read back, or would write wrongly, is
+    refused up front, naming the key, tensor or layer: colliding layer keys (0 and "blk.0": one layer
+    silently replaced the other), negative layer indices, reserved GGUF.* keys, tensors of more than
+    4 dims, an alignment beyond 65536 (2**31 wrote a 6 GiB file), floats beyond float32 and strings
+    that are not UTF-8."""
+    gen = torch.Generator().manual_seed(40)
+    lt = make_layer(gen)
+    p = tmp_path / "w.gguf"
+    with pytest.raises(ValueError, match="another key already wrote"):
+        write_moe_layers(p, {0: lt, "blk.0": make_layer(gen)})
+    with pytest.raises(ValueError, match=">= 0"):
+        write_moe_layers(p, {-1: lt})
+    t = {"a": torch.ones(4)}
+    with pytest.raises(ValueError, match="reserved"):
+        write_gguf(p, t, {"GGUF.version": 3})
+    with pytest.raises(ValueError, match="1 to 4 dims"):
+        write_gguf(p, {"a": torch.ones(1, 1, 1, 1, 2)})
+    with pytest.raises(ValueError, match="alignment"):
+        write_gguf(p, t, {"general.alignment": 2**17})
+    with pytest.raises(ValueError, match="'x.f'.*beyond float32"):
+        write_gguf(p, t, {"x.f": 1e39})
+    with pytest.raises(ValueError, match="'x.l'.*beyond float32"):
+        write_gguf(p, t, {"x.l": [1.0, -1e39]})
+    with pytest.raises(ValueError, match="'x.s'.*UTF-8"):
+        write_gguf(p, t, {"x.s": "a\ud800"})
+    assert not p.exists() and not list(tmp_path.glob(".*tmp"))
+    write_gguf(p, t, {"general.alignment": 2**16, "x.f": 3.0e38})  # the limits themselves are fine
+    assert open_gguf(p).tensor("a").tolist() == [1.0] * 4

@@ -19,6 +19,7 @@ from .moe import MoEWeights
 from .ops._launch import use_kernel
 from .ops.elementwise import combine_slots
 from .ops.router import route
+from .routing import check_scale
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,26 @@ class ShardedMoE:
     hash_table: torch.Tensor | None
     top_k: int
     scale: float
+
+    def __post_init__(self):
+        if not isinstance(self.local, MoEWeights):
+            raise TypeError(f"ShardedMoE.local must be MoEWeights, got {type(self.local).__name__}")
+        E, (n, H, _) = self.num_experts, self.local.dims
+        if not (isinstance(self.world, int) and isinstance(self.rank, int) and 0 <= self.rank < self.world):
+            raise ValueError(f"ShardedMoE: rank {self.rank!r} of world {self.world!r}")
+        if E != n * self.world:
+            raise ValueError(f"ShardedMoE: {n} local experts x {self.world} ranks != {E} experts")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= E:
+            raise ValueError(f"ShardedMoE: top_k must be an int in [1, {E}], got {self.top_k!r}")
+        check_scale(self.scale)
+        for name, want in (("router", (E, H)), ("bias", (E,))):
+            t = getattr(self, name)
+            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != want):
+                raise ValueError(f"ShardedMoE: {name} must be a tensor of shape {want}, got "
+                                 f"{tuple(getattr(t, 'shape', ())) or type(t).__name__}")
+        t = self.hash_table
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] != self.top_k):
+            raise ValueError(f"ShardedMoE: hash_table must be a [V, top_k={self.top_k}] tensor")
 
     @property
     def first(self) -> int:
@@ -100,7 +121,27 @@ _FORM_CODE = {"planar": 1, "fast": 2, "compact": 3}
 
 def _digest_fields() -> list[str]:
     return ["E", "k", "H", "F", "n", "gate", "up", "down", "shared", "shared_F", "router", "bias", "hash_rows",
-            "scale", "clamp"]
+            "scale", "clamp", "router bytes", "bias bytes", "hash table bytes", "shared expert bytes"]
+
+
+def _fingerprint(*ts) -> float:
+    """An exact, order-free checksum of the bytes of tensors (PackedTensor/QuantTensor: their planes or
+    blocks): the sum of their int32 words (bytes where a tensor's size or offset does not allow words),
+    the same on every rank that holds the same values, whatever the device or thread count."""
+    total = 0
+    for t in ts:
+        if t is None:
+            continue
+        parts = [t] if isinstance(t, torch.Tensor) else (
+            [t.planes[k] for k in sorted(t.planes)] if hasattr(t, "planes") else [t.data])
+        for p in parts:
+            b = p.detach().contiguous().reshape(-1).view(torch.uint8)
+            try:
+                v = b.view(torch.int32)
+            except RuntimeError:
+                v = b
+            total += int(v.to(torch.int64).sum())
+    return float(total % (1 << 52))  # exact in the float64 digest
 
 
 def _digest(s: ShardedMoE) -> tuple[list[str], list[float]]:
@@ -115,7 +156,11 @@ def _digest(s: ShardedMoE) -> tuple[list[str], list[float]]:
     d = {"E": s.num_experts, "k": s.top_k, "H": H, "F": F, "n": E_loc, "gate": code(w.gate), "up": code(w.up),
          "down": code(w.down), "shared": code(w.shared_gate), "shared_F": w.shared_gate.shape[0] if w.has_shared else 0,
          "router": 0 if s.router is None else 1, "bias": 0 if s.bias is None else 1,
-         "hash_rows": 0 if s.hash_table is None else s.hash_table.shape[0], "scale": s.scale, "clamp": w.clamp}
+         "hash_rows": 0 if s.hash_table is None else s.hash_table.shape[0], "scale": s.scale, "clamp": w.clamp,
+         # the replicated tensors must be the same layer's on every rank, not only of the same shapes
+         "router bytes": _fingerprint(s.router), "bias bytes": _fingerprint(s.bias),
+         "hash table bytes": _fingerprint(s.hash_table),
+         "shared expert bytes": _fingerprint(w.shared_gate, w.shared_up, w.shared_down)}
     assert list(d) == _digest_fields()
     return list(d), [float(v) for v in d.values()]
 
@@ -174,27 +219,34 @@ def _ep_moe_forward(x, sharded, token_ids, group, topk_ids, topk_weights, includ
                     validate, deterministic, stage_hook) -> torch.Tensor:
     hook = stage_hook or (lambda name: None)
     world = dist.get_world_size(group)
-    dev = sharded.local.gate.device
+    if isinstance(sharded, ShardedMoE):
+        dev = sharded.local.gate.device
+    else:
+        dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
     plan_kw = dict(tile=tile, path=path, gate_up=gate_up)
     try:  # this rank's own checks and routing; a failure is announced to every rank before it raises
+        if not isinstance(sharded, ShardedMoE):
+            raise TypeError(f"ep_moe_forward takes this rank's ShardedMoE (moetile.distributed.shard), got "
+                            f"{type(sharded).__name__}")
         w, ids, rw, dest, local_id, order, det = _prepare(x, sharded, token_ids, group, topk_ids, topk_weights,
                                                            validate, deterministic)
         plan_kw["deterministic"] = det
         schedule.plan_layer(1, 1, w.dims[0], schedule.form_key(w.gate), **plan_kw)  # bad overrides fail here
-        send = torch.zeros(world + 1, dtype=torch.int64, device=dev)
+        send = torch.zeros(world + 2, dtype=torch.int64, device=dev)
         send[:world].scatter_add_(0, dest, torch.ones_like(dest))
         send[world] = _decode_max(path, det, schedule.form_key(w.gate))  # how this rank plans the rows it gets
+        send[world + 1] = int(det)  # a rank computes others' pairs with its own plan: all must agree
         failure = None
     except (ValueError, TypeError, RuntimeError, LookupError) as exc:
-        failure, send = exc, torch.full((world + 1,), -1, dtype=torch.int64, device=dev)
+        failure, send = exc, torch.full((world + 2,), -1, dtype=torch.int64, device=dev)
     if world == 1:
         if failure is not None:
             raise failure
         return moe.moe_forward(x, w, topk_ids=ids, topk_weights=rw, include_shared=include_shared,
                                validate=False, stage_hook=stage_hook, **plan_kw)
     cdev = _comm_device(dev, group)
-    every = [torch.empty(world + 1, dtype=torch.int64, device=cdev) for _ in range(world)]
-    dist.all_gather(every, send.to(cdev), group=group)  # per source rank: counts per destination, decode limit
+    every = [torch.empty(world + 2, dtype=torch.int64, device=cdev) for _ in range(world)]
+    dist.all_gather(every, send.to(cdev), group=group)  # per source rank: counts per destination, decode limit, det
     table = torch.stack(every).tolist()  # the one host sync; -1 counts: the rank failed its checks
     if failure is not None:
         raise failure
@@ -202,6 +254,9 @@ def _ep_moe_forward(x, sharded, token_ids, group, topk_ids, topk_weights, includ
     if bad:
         raise ValueError(f"expert-parallel forward: rank(s) {bad} failed their input checks (see their error); "
                          "nothing was exchanged")
+    if len({row[world + 1] for row in table}) > 1:
+        raise ValueError("expert-parallel forward: the ranks disagree on deterministic mode (" + ", ".join(
+            f"rank {r}: {bool(row[world + 1])}" for r, row in enumerate(table)) + "); nothing was exchanged")
     rank = dist.get_rank(group)
     send_l = table[rank][:world]
     recv_l = [row[rank] for row in table]
@@ -339,12 +394,20 @@ class EPMoE(torch.nn.Module):
                  path: str = "auto", gate_up: str = "auto", deterministic: bool | None = None,
                  validate: bool = True):
         super().__init__()
-        if isinstance(weights, MoEWeights):
-            weights = shard(weights, dist.get_rank(group), dist.get_world_size(group))
-        self.sharded = replace(weights, local=weights.local.packed(form))
-        self.group = group
+        try:  # a rank that fails here tells the others (check_agreement) instead of leaving them waiting
+            if isinstance(weights, MoEWeights):
+                weights = shard(weights, dist.get_rank(group), dist.get_world_size(group))
+            elif not isinstance(weights, ShardedMoE):
+                raise TypeError(f"EPMoE takes MoEWeights or a ShardedMoE, got {type(weights).__name__}")
+            sharded = replace(weights, local=weights.local.packed(form))
+            schedule.check_overrides(tile, path, gate_up)
+            det = schedule.resolve_deterministic(deterministic)
+        except (ValueError, TypeError, LookupError, RuntimeError) as exc:
+            check_agreement(None, group, failure=exc)
+            raise
+        self.sharded, self.group = sharded, group
         self.tile, self.path, self.gate_up, self.validate = tile, path, gate_up, validate
-        self.deterministic = schedule.resolve_deterministic(deterministic)
+        self.deterministic = det
         check_agreement(self.sharded, group)
 
     @classmethod

@@ -821,6 +821,20 @@ def _scalar_kind(v: Any) -> str:
     return type(v).__name__
 
 
+def _f32(key: str, v: float) -> float:
+    if math.isfinite(v) and abs(v) > 3.4028234663852886e38:
+        raise ValueError(f"metadata {key!r}: {v!r} is beyond float32, GGUF's float type")
+    return v
+
+
+def _utf8(key: str, v: str) -> str:
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"metadata {key!r}: string is not valid UTF-8 ({exc.reason})") from None
+    return v
+
+
 def _metadata_value(key: str, v: Any) -> tuple[Any, GGUFValueType, GGUFValueType | None]:
     """(value, GGUF type, array sub-type): ints uint32 (wider/signed if needed), floats float32."""
     if isinstance(v, (np.ndarray, torch.Tensor)):
@@ -838,9 +852,9 @@ def _metadata_value(key: str, v: Any) -> tuple[Any, GGUFValueType, GGUFValueType
             vals = [int(x) for x in v]
             return vals, GGUFValueType.ARRAY, _int_type(vals, key)
         if kinds <= {"int", "float"}:
-            return [float(x) for x in v], GGUFValueType.ARRAY, GGUFValueType.FLOAT32
+            return [_f32(key, float(x)) for x in v], GGUFValueType.ARRAY, GGUFValueType.FLOAT32
         if kinds == {"str"}:
-            return list(v), GGUFValueType.ARRAY, GGUFValueType.STRING
+            return [_utf8(key, x) for x in v], GGUFValueType.ARRAY, GGUFValueType.STRING
         raise TypeError(
             f"metadata {key!r}: array items must all be bool, int, float or str, got {sorted(kinds)}"
         )
@@ -850,9 +864,9 @@ def _metadata_value(key: str, v: Any) -> tuple[Any, GGUFValueType, GGUFValueType
     if kind == "int":
         return int(v), _int_type([int(v)], key), None
     if kind == "float":
-        return float(v), GGUFValueType.FLOAT32, None
+        return _f32(key, float(v)), GGUFValueType.FLOAT32, None
     if kind == "str":
-        return v, GGUFValueType.STRING, None
+        return _utf8(key, v), GGUFValueType.STRING, None
     raise TypeError(f"metadata {key!r}: unsupported value type {kind} (use bool, int, float, str or a list)")
 
 
@@ -869,14 +883,17 @@ def _tensor_array(name: str, t: QuantTensor | torch.Tensor) -> tuple[np.ndarray,
             f"tensor {name!r}: dtype {t.dtype} cannot be stored; use one of "
             f"{', '.join(str(d) for d in _TORCH_TO_PLAIN)} or a QuantTensor"
         )
-    if t.dim() == 0 or t.numel() == 0:
+    if not 1 <= t.dim() <= 4 or t.numel() == 0:
         raise ValueError(
-            f"tensor {name!r}: GGUF needs a non-empty tensor with >= 1 dim, got shape {tuple(t.shape)}"
+            f"tensor {name!r}: GGUF needs a non-empty tensor of 1 to 4 dims, got shape {tuple(t.shape)}"
         )
     t = t.detach().to("cpu").contiguous()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)  # numpy has no bfloat16; the bits are what GGUF stores
     return t.numpy(), ttype
+
+
+_MAX_ALIGN = 1 << 16  # ggml's readers take any power of two; a larger one only pads the file
 
 
 def write_gguf(
@@ -891,7 +908,7 @@ def write_gguf(
     byte); torch tensors as F32/F16/BF16/F64/I8/I16/I32/I64 by dtype. Metadata values:
     bool, int (uint32; int32/int64/uint64 when out of range), float (float32), str, or a
     non-empty 1-D list of one of those. ``general.architecture`` is ``arch``; a
-    ``general.alignment`` (power of two >= 8, default 32) sets the tensor padding. The file is
+    ``general.alignment`` (power of two in [8, 65536], default 32) sets the tensor padding. The file is
     written to a temporary name and renamed, so a failed write leaves no partial file.
     """
     path = Path(path)
@@ -899,12 +916,14 @@ def write_gguf(
     if "general.architecture" in metadata and metadata.pop("general.architecture") != arch:
         raise ValueError(f"metadata general.architecture disagrees with arch={arch!r}")
     align = metadata.pop("general.alignment", None)  # it moves every tensor: the writer must pad by it
-    if align is not None and (type(align) is not int or align < 8 or align & (align - 1)):
-        raise ValueError(f"metadata general.alignment must be a power of two >= 8, got {align!r}")
+    if align is not None and (type(align) is not int or not 8 <= align <= _MAX_ALIGN or align & (align - 1)):
+        raise ValueError(f"metadata general.alignment must be a power of two in [8, {_MAX_ALIGN}], got {align!r}")
     kv = []
     for key, v in metadata.items():
         if not isinstance(key, str) or not key:
             raise TypeError(f"metadata keys must be non-empty str, got {key!r}")
+        if key.startswith("GGUF."):  # the reader's own view of the header: a file holding one cannot be opened
+            raise ValueError(f"metadata key {key!r}: the GGUF. prefix is reserved for the file header")
         kv.append((key, *_metadata_value(key, v)))
     arrays = []
     for name, t in tensors.items():
@@ -964,8 +983,14 @@ def write_moe_layers(
     for layer, lt in layers.items():
         if not isinstance(lt, MoELayerTensors):
             raise TypeError(f"layer {layer!r}: expected MoELayerTensors, got {type(lt).__name__}")
+        if not isinstance(layer, (str, bool)) and isinstance(layer, (int, np.integer)) and int(layer) < 0:
+            raise ValueError(f"layer {layer!r}: a layer index must be >= 0")
         lt.check_config(config, f"layer {_prefix(layer)}")
-        tensors.update(lt.to_tensors(layer))
+        new = lt.to_tensors(layer)
+        clash = sorted(set(new) & set(tensors))
+        if clash:  # 0 and "blk.0" name the same tensors: one layer would silently replace the other
+            raise ValueError(f"layer {layer!r} writes tensors another key already wrote: {clash[:3]}")
+        tensors.update(new)
     md = config.to_metadata()
     md.update(metadata or {})
     write_gguf(path, tensors, md, arch=config.arch)

@@ -25,6 +25,7 @@ from .ops.mul_mv_id import launch_mv
 from .ops.router import route
 from .quant import QuantTensor
 from .quant.pack import PackedTensor, packed
+from .routing import check_scale
 
 Quantized = QuantTensor | PackedTensor
 
@@ -79,6 +80,7 @@ class MoEWeights:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= E:
             raise ValueError(f"top_k must be an int in [1, {E}], got {self.top_k!r}")
         object.__setattr__(self, "clamp", check_clamp(self.clamp))
+        check_scale(self.scale)
         for f in ("router", "bias", "hash_table"):
             t = getattr(self, f)
             if t is not None and not isinstance(t, torch.Tensor):

@@ -152,7 +152,7 @@ def route_weights(scores: torch.Tensor, ids: torch.Tensor, scale: float = 1.5) -
         raise TypeError(f"ids must be an integer tensor, got dtype {ids.dtype}")
     if ids.device != scores.device:
         raise ValueError(f"ids is on {ids.device} but scores is on {scores.device}")
-    _check_scale(scale)
+    check_scale(scale)
     p = scores.to(torch.float32)
     idx = ids.to(torch.int64)
     safe = idx.clamp(0, E - 1)
@@ -230,7 +230,8 @@ def _check_k(k, E: int) -> None:
 _F32_MAX = 3.4028234663852886e38
 
 
-def _check_scale(scale) -> None:
+def check_scale(scale) -> None:
+    """Raise unless the route weight scale is a number finite in float32 (the weights' dtype)."""
     if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
             or abs(scale) > _F32_MAX):  # the weights are float32: a larger scale makes them inf
         raise ValueError(f"scale must be a number finite in float32, got {scale!r}")
@@ -289,7 +290,7 @@ def _check_route_args(x, w_router, bias, token_ids, hash_table, k, scale) -> Non
     _check_x_router(x, w_router)
     T, E = x.shape[0], w_router.shape[0]
     _check_k(k, E)
-    _check_scale(scale)
+    check_scale(scale)
     if bias is not None:
         _check_bias(bias, E, x.device)
     if hash_table is not None:
