@@ -168,26 +168,31 @@ def choose_tile(tile, num_tokens: int, top_k: int, num_experts: int) -> int:
     best width at T = 8 to 8192), or an int in WIDTHS (forced; the env cap does not apply). Policies are capped by
     ``MOETILE_TILE_MAX``.
     """
-    if isinstance(tile, bool):
-        raise TypeError(f"tile must be 'auto', 'ds4' or an int width, got {tile!r}")
+    _check_tile(tile)
     if isinstance(tile, int):
-        if tile not in WIDTHS:
-            raise ValueError(f"tile width must be one of {WIDTHS}, got {tile}")
         return tile
     cap = tile_max_from_env()
     if tile == "ds4":
         T = num_tokens
         w = 128 if T % 128 == 0 and T >= 128 else 64 if T % 64 == 0 and T >= 64 else 32
-    elif tile == "auto":
+    else:  # "auto"
         mean_rows = num_tokens * top_k / max(num_experts, 1)
         if num_experts == 1:  # a dense matmul (the shared expert): narrower tiles, more programs
             mean_rows /= DENSE_ROWS_PER_TILE
         w = 16
         while w < 256 and w < mean_rows:
             w *= 2
-    else:
-        raise ValueError(f"tile must be 'auto', 'ds4' or an int width, got {tile!r}")
     return min(w, cap)
+
+
+def _check_tile(tile) -> None:
+    if isinstance(tile, bool):
+        raise TypeError(f"tile must be 'auto', 'ds4' or an int width, got {tile!r}")
+    if isinstance(tile, int):
+        if tile not in WIDTHS:
+            raise ValueError(f"tile width must be one of {WIDTHS}, got {tile}")
+    elif not isinstance(tile, str) or tile not in ("auto", "ds4"):
+        raise ValueError(f"tile must be 'auto', 'ds4' or an int width, got {tile!r}")
 
 
 # --------------------------------------------------------------------------- kernel shapes
@@ -397,12 +402,7 @@ class LayerPlan:
 def check_overrides(tile="auto", path: str = "auto", gate_up: str = "auto", decode_act: str = "auto") -> None:
     """Raise for a plan override no plan accepts (plan_layer's arguments; the layer checks them on
     every call, also where no plan is made: T = 0, the CPU reference)."""
-    if isinstance(tile, bool) or not isinstance(tile, (int, str)):
-        raise TypeError(f"tile must be 'auto', 'ds4' or an int width, got {tile!r}")
-    if isinstance(tile, int) and tile not in WIDTHS:
-        raise ValueError(f"tile width must be one of {WIDTHS}, got {tile}")
-    if isinstance(tile, str) and tile not in ("auto", "ds4"):
-        raise ValueError(f"tile must be 'auto', 'ds4' or an int width, got {tile!r}")
+    _check_tile(tile)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if gate_up not in GATE_UP:
