@@ -186,6 +186,25 @@ def test_nan_stays_in_its_token(device):
     assert torch.equal(out[keep], clean[keep])
 
 
+@pytest.mark.parametrize("plan", [dict(path="prefill", gate_up="fused"), dict(path="prefill", gate_up="split"),
+                                  dict(path="decode", decode_act="q8x2"), dict(path="decode", decode_act="f32")])
+def test_nan_in_x_reaches_its_tokens_output_with_given_routing(plan, device):
+    """With the routing given (no router to turn the NaN into NaN weights), a NaN in x must still
+    reach every element of its token's output: the SwiGLU clamps keep it instead of making it +-C."""
+    w = make_weights("Q4_K", "Q4_K", device, shared=False)
+    T = 3 if plan["path"] == "decode" else 10
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(11)).to(device)
+    ids = torch.stack([torch.randperm(E, generator=torch.Generator().manual_seed(20 + t))[:2]
+                       for t in range(T)]).to(torch.int32).to(device)
+    rw = torch.rand(T, 2, generator=torch.Generator().manual_seed(12)).to(device) + 0.1
+    clean = moe_forward(x, w, topk_ids=ids, topk_weights=rw, tile=16, **plan)
+    x[1, 5] = float("nan")
+    out = moe_forward(x, w, topk_ids=ids, topk_weights=rw, tile=16, **plan)
+    assert torch.isnan(out[1]).all()
+    keep = torch.arange(T, device=device) != 1
+    assert torch.equal(out[keep], clean[keep])
+
+
 def test_module_and_bad_inputs(device):
     w = make_weights("Q4_K", "Q4_K", device)
     m = DS4MoE(w, tile=16)

@@ -256,9 +256,10 @@ class MVConfig:
     asm: bool = True
 
 
-def mv_config(interpreter: bool, act: str = "f32") -> MVConfig:
-    """Decode mat-vec shape for activations ``act`` ("f32" or "q8x2", MV_ACTS): 16 rows per program on
-    the GPU (few pairs, so many small programs fill the SMs; BENCHMARKS §8, §12), 256 under Triton's
+def mv_config(interpreter: bool, act: str = "f32", fused: bool = True) -> MVConfig:
+    """Decode mat-vec shape for activations ``act`` ("f32" or "q8x2", MV_ACTS), fused gate+up or a
+    single weight (down): 16 rows per program on the GPU (few pairs, so many small programs fill the SMs;
+    BENCHMARKS §8, §12; 32 for a q8x2 down, §13), 256 under Triton's
     interpreter, whose cost is per program, not per row (64 rows took 4x the time of 256). Fewer than
     16 rows with the PTX decoders gave wrong values for the word decoders on the H100 (Triton 3.6:
     benchmarks/h100-2026-11-26/mv_config_check.log), so launch_mv refuses them; a K step is at most
@@ -267,7 +268,9 @@ def mv_config(interpreter: bool, act: str = "f32") -> MVConfig:
         raise ValueError(f"mat-vec activations must be one of {MV_ACTS}, got {act!r}")
     if interpreter:
         return MVConfig(256, 256, 2, asm=False)
-    return MVConfig(*(_MV_SHAPE_Q if act == "q8x2" else _MV_SHAPE), asm=True)
+    if act == "q8x2":
+        return MVConfig(*(_MV_SHAPE_Q if fused else _MV_SHAPE_Q_SINGLE), asm=True)
+    return MVConfig(*_MV_SHAPE, asm=True)
 
 
 # Activations of the decode mat-vec: "q8x2" quantizes them per 32 inputs to two int8 levels (x ~=
@@ -278,6 +281,11 @@ MV_ACTS = ("f32", "q8x2")
 MV_ACT = "q8x2"
 # q8x2: (16, 256, 2) was within 6% of the best of 12 shapes for q2/q4/compact/shared at T = 1 and 8
 _MV_SHAPE_Q = (16, 256, 2)
+# q8x2 down (one weight, K = F = 2048): 32 rows a program was the best of 8 shapes (x 3 pipeline depths) for
+# q2, q4 and q2 compact at T = 1 and 8 (q2 T=1 down 18.5 -> 14.8 us, T=8 115 -> 106 us; H100, BENCHMARKS.md
+# §13); the fused gate+up keeps 16 (32 rows: 27 -> 30 us at T=1); the shared expert's down (E = 1, on the
+# side stream in a graph) loses 0.3 us with 32
+_MV_SHAPE_Q_SINGLE = (32, 256, 2)
 _MV_SHAPE = (16, 128, 2)
 # the decode mat-vec cuts K into chunks until its grid has at least this many programs (a few
 # pairs give too few to keep the SMs busy otherwise): 512 was best of 1 (never), 512, 1024, 2048

@@ -159,7 +159,7 @@ def test_bad_out_and_fused_arguments(device):
 @pytest.mark.parametrize("qtype, form", FORMS)
 def test_q8x2_asm_matches_twin_gpu(qtype, form):
     """The dp4a decoders (PTX) and their plain-tl twins give the same bits, at DS4's K and the
-    policy's shape, fused and not."""
+    policy's shapes, fused and not."""
     from moetile.ops.mul_mv_id import launch_mv
 
     g = torch.Generator().manual_seed(3)
@@ -171,11 +171,12 @@ def test_q8x2_asm_matches_twin_gpu(qtype, form):
     act = quantize_act(x, act_layout(w))
     outs = []
     for asm in (True, False):
-        cfg = schedule.MVConfig(*schedule._MV_SHAPE_Q[:3], asm=asm)
+        one = schedule.MVConfig(*schedule._MV_SHAPE_Q_SINGLE[:3], asm=asm)
+        fused = schedule.MVConfig(*schedule._MV_SHAPE_Q[:3], asm=asm)
         o1 = torch.full((6, 64), float("nan"), device="cuda")
         o2 = torch.full((6, 64), float("nan"), device="cuda")
-        launch_mv(x, w, ids, 2, o1, config=cfg, act=act)
-        launch_mv(x, w, ids, 2, o2, w_up=up, route_weights=rw, config=cfg, act=act)
+        launch_mv(x, w, ids, 2, o1, config=one, act=act)
+        launch_mv(x, w, ids, 2, o2, w_up=up, route_weights=rw, config=fused, act=act)
         outs.append((o1, o2))
     for a, b in zip(*outs, strict=True):
         assert not torch.isnan(a).any() and torch.equal(a, b), f"{qtype}/{form}: PTX and twin differ"

@@ -8,6 +8,16 @@ import triton.language as tl
 
 
 @triton.jit
+def swiglu_clamped(g, u, w, CLAMP: tl.constexpr):
+    """silu(min(g, C)) * clamp(u, -C, C) * w, float32 (ds4: gate clamped above only, up both ways,
+    the route weight before down). NaN stays NaN: a token's NaN must not become a finite +-C."""
+    g = tl.minimum(g, CLAMP, propagate_nan=tl.PropagateNan.ALL)
+    u = tl.minimum(tl.maximum(u, -CLAMP, propagate_nan=tl.PropagateNan.ALL), CLAMP,
+                   propagate_nan=tl.PropagateNan.ALL)
+    return g / (1.0 + tl.exp(-g)) * u * w
+
+
+@triton.jit
 def swiglu_weight_kernel(g_ptr, u_ptr, w_ptr, mid_ptr, ids_ptr, counts_ptr, F, num_experts, min_rows,
                          CLAMP: tl.constexpr, SELECT: tl.constexpr, BLOCK: tl.constexpr):
     """mid[p, :] = silu(min(g, C)) * clamp(u, -C, C) * w[p], f32 in, f16 out; grid (P, cdiv(F, BLOCK)).
@@ -22,11 +32,9 @@ def swiglu_weight_kernel(g_ptr, u_ptr, w_ptr, mid_ptr, ids_ptr, counts_ptr, F, n
             return
     f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = f < F
-    g = tl.minimum(tl.load(g_ptr + p * F + f, mask=ok, other=0.0), CLAMP)
+    g = tl.load(g_ptr + p * F + f, mask=ok, other=0.0)
     u = tl.load(u_ptr + p * F + f, mask=ok, other=0.0)
-    u = tl.minimum(tl.maximum(u, -CLAMP), CLAMP)
-    w = tl.load(w_ptr + p)
-    tl.store(mid_ptr + p * F + f, (g / (1.0 + tl.exp(-g)) * u * w).to(tl.float16), mask=ok)
+    tl.store(mid_ptr + p * F + f, swiglu_clamped(g, u, tl.load(w_ptr + p), CLAMP).to(tl.float16), mask=ok)
 
 
 @triton.jit

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .decode import decode_raw, load_codes, load_scales
+from .elementwise import swiglu_clamped
 
 
 @triton.jit
@@ -94,11 +95,8 @@ def mul_mm_id_kernel(
         x_ptrs += BLOCK_K
 
     if FUSE_SWIGLU:
-        # ds4 order: gate clamped above only, up clamped both ways, route weight before down
-        g = tl.minimum(acc, CLAMP)
-        u = tl.minimum(tl.maximum(acc2, -CLAMP), CLAMP)
         rw = tl.load(route_w_ptr + pair, mask=m_ok, other=0.0)
-        mid = g / (1.0 + tl.exp(-g)) * u * rw[None, :]
+        mid = swiglu_clamped(acc, acc2, rw[None, :], CLAMP)
         tl.store(out_ptr + out_off, mid.to(tl.float16), mask=out_mask)
     else:
         tl.store(out_ptr + out_off, acc, mask=out_mask)

@@ -4,7 +4,7 @@ One program computes BLOCK_N output rows of one pair: out[p, n] = sum_K W[e][n] 
 the exact float32 weights of the packed form (kernels/decode.py; PTX decoders when ASM, their
 plain-tl twins otherwise) and float32 activations (no f16 rounding, as ds4's Metal decode).
 With FUSE_SWIGLU it computes gate and up of the same rows and writes
-mid = silu(min(g, C)) * clamp(u, -C, C) * route_w (float32). With SPLIT the K inputs are cut into
+mid = silu(min(g, C)) * clamp(u, -C, C) * route_w (float32; NaN stays NaN). With SPLIT the K inputs are cut into
 chunks of K_CHUNK run by separate programs (few pairs would not fill the GPU otherwise): each
 writes its partial sums and mv_reduce_kernel adds them in chunk order and applies the epilogue.
 
@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .decode import weight_tile
+from .elementwise import swiglu_clamped
 from .qdot import load_qact, qdot_tile
 
 
@@ -96,16 +97,8 @@ def mul_mv_id_kernel(
             tl.store(part2_ptr + (c * P + p) * N + n, tl.sum(acc2, axis=1), mask=n_ok)
         return
     if FUSE_SWIGLU:
-        y = _swiglu(y, tl.sum(acc2, axis=1), tl.load(route_w_ptr + p), CLAMP)
+        y = swiglu_clamped(y, tl.sum(acc2, axis=1), tl.load(route_w_ptr + p), CLAMP)
     tl.store(out_ptr + p * N + n, y, mask=n_ok)
-
-
-@triton.jit
-def _swiglu(g, u, w, CLAMP: tl.constexpr):
-    """silu(min(g, C)) * clamp(u, -C, C) * w, float32."""
-    g = tl.minimum(g, CLAMP)
-    u = tl.minimum(tl.maximum(u, -CLAMP), CLAMP)
-    return g / (1.0 + tl.exp(-g)) * u * w
 
 
 @triton.jit
@@ -123,6 +116,6 @@ def mv_reduce_kernel(part_ptr, part2_ptr, route_w_ptr, out_ptr, P, N, S, FUSE_SW
         y += tl.load(part_ptr + (c * P + p) * N + n, mask=ok, other=0.0)
         if FUSE_SWIGLU:
             u += tl.load(part2_ptr + (c * P + p) * N + n, mask=ok, other=0.0)
-    if FUSE_SWIGLU:  # a bad id's NaN row stays NaN (min/max would drop it)
-        y = tl.where(y != y, y, _swiglu(y, u, tl.load(route_w_ptr + p), CLAMP))
+    if FUSE_SWIGLU:
+        y = swiglu_clamped(y, u, tl.load(route_w_ptr + p), CLAMP)
     tl.store(out_ptr + p * N + n, y, mask=ok)

@@ -99,7 +99,7 @@ def launch_mv(rhs: torch.Tensor, w: PackedTensor, ids: torch.Tensor, top_k: int,
                          f"{w.qtype}/{w.form} and rhs {tuple(rhs.shape)}")
     planes = _planes(w, act)
     table = tables_for(w, w.device)
-    cfg = config or schedule.mv_config(interpreted(), "f32" if act is None else "q8x2")
+    cfg = config or schedule.mv_config(interpreted(), "f32" if act is None else "q8x2", fused=fused)
     if cfg.asm and cfg.block_n < 16:
         raise ValueError(f"mat-vec with PTX decoders needs block_n >= 16 (8 computed wrong values), got {cfg}")
     if cfg.block_k % 32 or K % cfg.block_k or (act is None and cfg.block_k > 256 and w.qtype != "Q8_0"):
