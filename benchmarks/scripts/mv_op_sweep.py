@@ -11,7 +11,6 @@ import triton
 
 from moetile import benchmark as B
 from moetile import schedule
-from moetile.kernels.mv_id import mul_mv_id_kernel
 from moetile.ops._checks import ids_int32
 from moetile.ops.act_quant import act_layout, quantize_act
 from moetile.ops.mul_mv_id import launch_mv
@@ -21,36 +20,6 @@ from moetile.quant.pack import packed
 print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
 dev = "cuda"
 g = torch.Generator(device=dev).manual_seed(0)
-
-
-def graph_ms(step, n=20):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    gr = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(gr):
-        for _ in range(n):
-            step()
-    ms = min(B.time_ms(gr.replay, reps=20) for _ in range(2)) / n
-    del gr
-    return ms
-
-
-def regs():
-    """n_regs / spills of every mat-vec kernel compiled so far, by its BLOCK_N/BLOCK_K/warps."""
-    out = {}
-    for cache in getattr(mul_mv_id_kernel, "device_caches", {}).values():
-        kernels = cache[0] if isinstance(cache, tuple) else cache
-        for ck in kernels.values():
-            try:
-                c = ck.src.constants if hasattr(ck.src, "constants") else {}
-                key = tuple(v for k, v in sorted(c.items(), key=lambda kv: str(kv[0])) if "BLOCK" in str(k))
-                out[(key, ck.metadata.num_warps)] = (ck.n_regs, ck.n_spills)
-            except Exception:  # noqa: BLE001
-                pass
-    return out
 
 
 sh = B.Shape()
@@ -92,7 +61,7 @@ for model, form, Ts in CASES:
             policy = schedule.mv_config(False, "q8x2", fused=op == "gate_up")
             fn(policy)
             ref = out.clone().double()
-            base = graph_ms(lambda fn=fn, p=policy: fn(p))
+            base = B.graph_ms(lambda fn=fn, p=policy: fn(p), rounds=2)
             res = []
             for mp in splits:
                 schedule.MV_MIN_PROGRAMS = mp
@@ -102,7 +71,7 @@ for model, form, Ts in CASES:
                         out.fill_(float("nan"))
                         fn(cfg)
                         err = ((out.double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
-                        ms = graph_ms(lambda fn=fn, cfg=cfg: fn(cfg))
+                        ms = B.graph_ms(lambda fn=fn, cfg=cfg: fn(cfg), rounds=2)
                     except Exception as ex:  # noqa: BLE001
                         print(f"  {model}/{form} T={T} {op} {cfg} split>={mp}: {type(ex).__name__} {str(ex)[:120]}")
                         continue
@@ -116,6 +85,3 @@ for model, form, Ts in CASES:
                   + (f"; {len(bad)} shapes differ (max err {max(r[4] for r in bad):.1e})" if bad else ""), flush=True)
             print("   all: " + " ".join(f"{bn}/{bk}/{nw}:{ms * 1e3:.1f}"
                                          for ms, bn, bk, nw, er in sorted(res, key=lambda r: r[1:4])), flush=True)
-print("registers (BLOCK_K, BLOCK_N, ..., warps): n_regs, spills", flush=True)
-for key, v in sorted(regs().items(), key=str):
-    print("  ", key, v)

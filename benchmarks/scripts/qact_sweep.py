@@ -51,19 +51,8 @@ for qt, form in (("IQ2_XXS", "fast"), ("IQ2_XXS", "compact"), ("Q4_K", "auto"), 
 
 
 # ---- B: timing
-def graph_ms(step, n=20):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    gr = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(gr):
-        for _ in range(n):
-            step()
-    ms = B.time_ms(gr.replay, reps=30) / n
-    del gr
-    return ms
+def graph_ms(step):
+    return B.graph_ms(step, reps=30)
 
 
 sh = B.Shape()

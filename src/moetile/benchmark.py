@@ -60,6 +60,23 @@ def time_ms(fn, *, warmup: int = 3, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def graph_ms(step, *, n: int = 20, reps: int = 20, rounds: int = 1) -> float:
+    """Milliseconds per call of ``step()`` (CUDA GPU only): warmed up once on a side stream, then n calls
+    captured in one CUDA graph, replayed; the least of ``rounds`` medians of ``reps`` replays, over n."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr):
+        for _ in range(n):
+            step()
+    ms = min(time_ms(gr.replay, reps=reps) for _ in range(rounds)) / n
+    del gr
+    return ms
+
+
 def measure_ceilings() -> Ceilings:
     """Copy bandwidth and f16 tensor-core rate of this GPU, measured now."""
     n = 1 << 29  # 0.5 Gi f16 elements: 1 GiB read + 1 GiB written per copy
