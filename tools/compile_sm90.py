@@ -71,7 +71,7 @@ def variants():
                 yield (f"mul_mm_id {key} w={width} fused={fused}",
                        lambda s=sig, c=consts, g=cfg: _compile(mul_mm_id_kernel, s, c, g.num_warps, g.num_stages))
         for fused, split, act in itertools.product((False, True), (False, True), schedule.MV_ACTS):
-            cfg = schedule.mv_config(interpreter=False, act=act)
+            cfg = schedule.mv_config(interpreter=False, act=act, fused=fused)
             q = act == "q8x2"
             planes = ("*i32",) + p[1:] if q and key == "Q2_K" else p  # 16 codes per int32 word
             sig = {**_planes(planes), "rhs_ptr": "*fp32", "ids_ptr": "*i32", "route_w_ptr": "*fp32",
