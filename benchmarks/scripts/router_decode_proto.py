@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from moetile import schedule
+from moetile.benchmark import graph_ms
 from moetile.kernels.router import route_select_kernel
 from moetile.ops.router import route
 from moetile.reference_routing import route_ref
@@ -37,26 +38,8 @@ def route_mv(x, w, bias, k, scale, block_e, chunk, warps):
 
 
 def replay_ms(fn, reps=200):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(20):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(reps // 20):
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 20)
-    return sorted(ts)[len(ts) // 2]
+    """GPU milliseconds per call of ``fn``: 20 calls in one CUDA graph, median of reps/20 replays."""
+    return graph_ms(fn, n=20, reps=reps // 20)
 
 
 def main():

@@ -12,7 +12,7 @@ import torch
 import triton
 
 from moetile import routing, schedule
-from moetile.benchmark import time_ms
+from moetile.benchmark import graph_ms
 from moetile.ops.router import route
 from moetile.reference_routing import route_ref
 
@@ -32,15 +32,7 @@ SHAPES = [lg + SELECT for lg in LOGITS]
 
 def replay_ms(fn) -> float:
     """GPU milliseconds of ``fn`` captured in a CUDA graph (no host launch time)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return time_ms(g.replay, reps=100)
+    return graph_ms(fn, n=1, reps=100)
 
 
 def main():
