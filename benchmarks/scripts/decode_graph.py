@@ -1,5 +1,8 @@
 """One DS4 layer step (router, routed experts, shared Q8_0 expert, combine) at decode sizes, eager
 against CUDA-graph replay, default and deterministic, same run; the layer at prefill sizes eager.
+Graph columns: "graph" replays a graph of one step (its launch included, median of 50); "graph/20"
+replays a graph of 20 steps (as a model captured whole would), per step, the better of two medians of
+50 (moetile.benchmark.graph_ms, the figure of BENCHMARKS §12-15).
 
     python3 benchmarks/scripts/decode_graph.py OUT_DIR
 """
@@ -14,7 +17,7 @@ from pathlib import Path
 import torch
 import triton
 
-from moetile.benchmark import Shape, make_weights, time_ms
+from moetile.benchmark import Shape, graph_ms, make_weights, time_ms
 from moetile.moe import DS4MoE
 from moetile.quant import random_blocks
 from moetile.quant.pack import packed
@@ -58,10 +61,13 @@ def main(out_dir: Path) -> None:
                 eager = time_ms(lambda x=x, layer=layer: layer(x), reps=50)
                 graph = graphed(layer, x) if T <= 16 else None
                 replay = time_ms(graph.replay, reps=50) if graph is not None else float("nan")
-                mode = "deterministic" if det else "default"
-                print(f"{model} {mode:13} T={T:5}: eager {eager:7.3f}  graph {replay:7.3f}")
-                rows.append(dict(model=model, mode=mode, T=T, eager_ms=eager, graph_ms=replay))
                 del graph
+                per20 = (graph_ms(lambda x=x, layer=layer: layer(x), n=20, reps=50, rounds=2) if T <= 16
+                         else float("nan"))
+                mode = "deterministic" if det else "default"
+                print(f"{model} {mode:13} T={T:5}: eager {eager:7.4f}  graph {replay:7.4f}  graph/20 {per20:7.4f}",
+                      flush=True)
+                rows.append(dict(model=model, mode=mode, T=T, eager_ms=eager, graph_ms=replay, graph20_ms=per20))
     with open(out_dir / "decode_graph.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
         wr.writeheader()
