@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The whole GPU test suite at this tree in one device call (kind nvidia-h100-x1), logs to $OUT. Two
-# pytest processes share the GPU; the tests that need tens of GB (DS4-shape packs, the transformers
-# comparison) are left out of them and run alone afterwards, since three processes at once ran those
-# out of memory (BENCHMARKS.md §15.4). Each step is cut at BUDGET seconds from the start (default 560)
-# so that what ran comes back; then, if time is left, the layer against transformers.
+# The whole GPU test suite at this tree in one device call (kind nvidia-h100-x1), logs to $OUT. The
+# tests that need tens of GB (DS4-shape packs, the transformers comparison) run alone after the rest,
+# which run in WORKERS pytest-xdist processes sharing the GPU (three processes at once ran those
+# big ones out of memory, BENCHMARKS.md §15.4). Each step is cut at BUDGET seconds from the start
+# (default 560) so that what ran comes back; then, if time is left, the stage profile (q2/q4, T = 2048
+# and 8192) and the layer against transformers.
 #   bash benchmarks/scripts/h100_suite.sh
 set -u
 export PYTHONUNBUFFERED=1
 O=${OUT:-/tmp/out}
 BUDGET=${BUDGET:-560}
+WORKERS=${WORKERS:-8}
 mkdir -p "$O"
 t() {  # t LOG CMD...: run CMD with what is left of the budget, output to $O/LOG
   local log=$1 left=$((BUDGET - SECONDS))
@@ -22,10 +24,17 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 echo "commit ${MOETILE_COMMIT:-?}" | tee -a "$O/versions.txt"
 P="python3 -m pytest -v -p no:cacheprovider"
 BIG="test_ds4_shapes_gpu or test_bench_vs_transformers or test_ds4_layer_gpu"
-A="tests/ops tests/kernels tests/test_moe.py"
-t t_a.log $P $A -k "not ($BIG)" &
-t t_b.log $P tests $(for d in $A; do echo --ignore=$d; done) -k "not ($BIG)" &
-wait
+if python3 -c "import xdist" 2>/dev/null; then
+  t t_par.log $P -n "$WORKERS" tests -k "not ($BIG)"
+else  # two processes
+  A="tests/ops tests/kernels tests/test_moe.py"
+  t t_par.log $P $A -k "not ($BIG)" &
+  t t_par2.log $P tests $(for d in $A; do echo --ignore=$d; done) -k "not ($BIG)" &
+  wait
+fi
 t t_big.log $P tests -k "$BIG"
 grep -h -E "^(FAILED|ERROR)|passed|failed|rc=" "$O"/t_*.log
+for m in q2 q4; do for T in 2048 8192; do
+  t profile.log python3 -m moetile.cli.main profile --model $m --tokens $T --csv "$O/profile.csv"
+done; done
 t bench_vs.log python3 -m moetile.cli.main bench --vs transformers --reps 50

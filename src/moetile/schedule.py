@@ -212,7 +212,8 @@ class MMConfig:
 
 # (block_n, block_k, num_warps, num_stages) per packed form and width: the best of 476 shapes per
 # op at DS4 shapes on the H100 (BENCHMARKS.md §8, benchmarks/scripts/packed_sweep.py). Q8_0 (the
-# shared expert) was not swept; it takes the K-quants' shape.
+# shared expert, one expert) takes the K-quants' shapes but at width 256 (its T > 512) four stages:
+# the best of 210 shapes for its gate and down at T = 2048 and 8192, 1-7% faster (BENCHMARKS.md §16).
 _K_QUANT = {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 128, 4, 2), 128: (64, 128, 4, 3),
             256: (128, 64, 8, 3)}
 _MM_SHAPES = {
@@ -223,7 +224,7 @@ _MM_SHAPES = {
     "Q2_K": {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 128, 4, 3), 128: (64, 128, 4, 3),
              256: (64, 64, 4, 3)},
     "Q4_K": _K_QUANT,
-    "Q8_0": _K_QUANT,
+    "Q8_0": {**_K_QUANT, 256: (128, 64, 8, 4)},
 }
 # the fused gate+up kernel decodes two weight tiles per step (swept for Q4_K up to width 64, used
 # for every form); at 256 two [64, 256] accumulators need 8 warps
