@@ -1,8 +1,10 @@
 """One DS4 layer step (router, routed experts, shared Q8_0 expert, combine) at decode sizes, eager
 against CUDA-graph replay, default and deterministic, same run; the layer at prefill sizes eager.
-Graph columns: "graph" replays a graph of one step (its launch included, median of 50); "graph/20"
-replays a graph of 20 steps (as a model captured whole would), per step, the better of two medians of
-50 (moetile.benchmark.graph_ms, the figure of BENCHMARKS §12-15).
+Graph columns: "graph" replays a graph of one step after the GPU went idle (its launch included,
+median of 50; the measure of BENCHMARKS §12.4 and §15.1); "graph/20" replays a graph of the same step
+20 times on the same x, per step, the better of two medians of 50 (moetile.benchmark.graph_ms, the
+measure of the per-op sweeps). Both replay one layer on one x: its weights may stay in L2
+(decode_cold.py measures that).
 
     python3 benchmarks/scripts/decode_graph.py OUT_DIR
 """
@@ -51,7 +53,7 @@ def graphed(layer, x):
 def main(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    print("whole DS4 layer step, ms (median of 50)")
+    print("whole DS4 layer step, ms (eager and graph: median of 50; graph/20: the better of two medians of 50)")
     for model in ("q2", "q4"):
         w = ds4_layer(model)
         for det in (False, True):

@@ -8,10 +8,11 @@ this process from Triton's cache.
 
 CANDIDATES.json: list of {"op": "IQ2_XXS/fast:gate", "BM": 64, "BN": 128, "BK": 256, "warps": 8,
 "stages": 2}; op kinds: gate (N=F, K=H, per-token rhs), gateup (the fused gate+up+SwiGLU kernel),
-down (N=H, K=F, per-pair rhs). Uniform top-6 routing of 256 experts; inputs fixed per (op, T).
-A candidate may also name "E" and "k" (E=1, k=1: the shared expert, a dense matmul) and "T" (a list
-of token counts; otherwise T_FOR_WIDTH). Each output is compared with the first candidate's of the
-same (op, E, k, T): "rel" is max|out - first| / max|first|.
+down (N=H, K=F, per-pair rhs). Uniform top-6 routing of 256 experts; inputs fixed per (op, E, k, T).
+A candidate may also name "E" and "k" (E=1, k=1: the shared expert, a dense matmul; the CSV names E,
+not k) and "T" (a list of token counts; otherwise T_FOR_WIDTH). Each output is compared with the
+first candidate's of the same (op, E, k, T), so list the policy's shape first: "rel" is
+max|out - first| / max|first| (NaN where a row was not written, or where the first was NaN).
 """
 
 import csv
