@@ -1,7 +1,8 @@
 """One DS4 layer step (T = 1 and 8, q2 and q4) replayed from CUDA graphs, with and without its
-weights in L2, same run. A layer step reads ~38 MB at T=1 (6 routed experts, the shared expert, the
-router), less than the H100's 50 MB L2, so replaying one layer on the same x may find its weights
-there; a model captured whole never does (43 layers read ~1.6 GB between two steps of a layer).
+weights in L2, same run. A q2 step reads ~98 MB at T=1 (6 routed experts ~70 MB in their packed
+forms, the shared expert 26.7 MB, the router 2 MB), twice the H100's 50 MB L2, yet replaying one
+layer on the same x may find some of it there; in a model captured whole, 42 other layers run between
+two steps of a layer.
 
   one     a graph of one step, replayed after the GPU went idle (graph launch included: §12.4, §15.1)
   warm    the same graph queued behind a ~50 µs GPU sleep (GPU time only; weights as the last replay left them)

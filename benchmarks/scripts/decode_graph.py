@@ -4,7 +4,7 @@ Graph columns: "graph" replays a graph of one step after the GPU went idle (its 
 median of 50; the measure of BENCHMARKS §12.4 and §15.1); "graph/20" replays a graph of the same step
 20 times on the same x, per step, the better of two medians of 50 (moetile.benchmark.graph_ms, the
 measure of the per-op sweeps). Both replay one layer on one x: its weights may stay in L2
-(decode_cold.py measures that).
+(decode_cold.py is written to measure that).
 
     python3 benchmarks/scripts/decode_graph.py OUT_DIR
 """
