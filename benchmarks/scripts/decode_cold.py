@@ -5,8 +5,8 @@ layer on the same x may find some of it there; in a model captured whole, 42 oth
 two steps of a layer.
 
   one     a graph of one step, replayed after the GPU went idle (graph launch included: §12.4, §15.1)
-  warm    the same graph queued behind a ~50 µs GPU sleep (GPU time only; weights as the last replay left them)
-  cold    as warm, after writing a 256 MB buffer (L2 flushed)
+  warm    the same graph queued behind a ~0.5 ms GPU sleep (GPU time only; weights as the last replay left them)
+  cold    as warm, after reading a 256 MB buffer (L2 flushed)
   L-layer L copies of the layer (own weights, same values) in one graph, queued, per layer: what a
           model captured whole pays per layer
 
@@ -35,9 +35,9 @@ def median_ms(gr, *, queue: bool, flush: torch.Tensor | None, per: int = 1, reps
     times = []
     for _ in range(reps):
         if flush is not None:
-            flush.zero_()
+            flush.sum()  # reads 256 MB: L2 holds other lines, none dirty (a write would flush during the step)
         if queue:
-            torch.cuda._sleep(100_000)  # cycles: the host enqueues the replay before the GPU reaches it
+            torch.cuda._sleep(1_000_000)  # cycles (~0.5 ms): the host enqueues the replay before the GPU reaches it
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         gr.replay()

@@ -20,12 +20,12 @@ import torch
 import triton
 
 from moetile.benchmark import Shape, graph_ms, make_weights, time_ms
-from moetile.moe import DS4MoE
+from moetile.moe import DS4MoE, MoEWeights
 from moetile.quant import random_blocks
 from moetile.quant.pack import packed
 
 
-def ds4_layer(model: str) -> DS4MoE:
+def ds4_layer(model: str) -> MoEWeights:
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(1)
     w = make_weights(model, Shape(), dev)

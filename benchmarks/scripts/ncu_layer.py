@@ -1,10 +1,10 @@
-"""The routed matmul kernels of one layer call under Nsight Compute: where their time goes (stall
+r"""The routed matmul kernels of one layer call under Nsight Compute: where their time goes (stall
 reasons, occupancy, memory throughput). Routing given, no shared expert; each case is run once to
 compile, then once between cudaProfilerStart/Stop, so only that call is profiled.
 
-    ncu --profile-from-start off --clock-control none --kernel-name regex:"mul_m[mv]_id_kernel" \\
-        --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \\
-        --section MemoryWorkloadAnalysis --section SchedulerStats \\
+    ncu --profile-from-start off --clock-control none --kernel-name regex:"mul_m[mv]_id_kernel" \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+        --section MemoryWorkloadAnalysis --section SchedulerStats \
         python3 benchmarks/scripts/ncu_layer.py [model:T ...]       # default q2:8 q2:2048 q4:2048
 """
 

@@ -213,7 +213,7 @@ class MMConfig:
 # (block_n, block_k, num_warps, num_stages) per packed form and width: the best of 476 shapes per
 # op at DS4 shapes on the H100 (BENCHMARKS.md §8, benchmarks/scripts/packed_sweep.py). Q8_0 (the
 # shared expert, one expert) takes the K-quants' shapes but at width 256 (its T > 512) four stages:
-# the best of 78 shapes per op (64 launched) for its gate and down at T = 2048 and 8192, 1-7% faster
+# the best of 78 shapes per op (73 launched) for its gate and down at T = 2048 and 8192, 1-7% faster
 # (BENCHMARKS.md §16.3).
 _K_QUANT = {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 128, 4, 2), 128: (64, 128, 4, 3),
             256: (128, 64, 8, 3)}
